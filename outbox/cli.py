@@ -1,0 +1,274 @@
+"""The ``outbox`` command. Thin: parse, call the library, own the exit codes.
+
+Exit codes: 0 ok, 1 failure, 2 usage or configuration error, 3 cannot reach the database or
+a broker. Errors print one line (``outbox: error: ...``); ``-v`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+from outbox import __version__, db, logs
+from outbox.errors import ConfigurationError, DatabaseUnavailable, OutboxError, PublishError
+from outbox.settings import Settings
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        settings = Settings.from_env(config_file=args.config)
+        overrides = {key: value for key, value in (
+            ("workers", getattr(args, "workers", None)),
+            ("batch_size", getattr(args, "batch_size", None)),
+        ) if value is not None}
+        if overrides:
+            settings = settings.with_overrides(**overrides)
+        logs.configure(level="debug" if args.verbose > 1 else settings.log_level,
+                       fmt=settings.log_format)
+        handler: Handler = args.handler
+        return handler(args, settings)
+    except ConfigurationError as exc:
+        return _fail(args, exc, EXIT_USAGE)
+    except (DatabaseUnavailable, PublishError) as exc:
+        return _fail(args, exc, EXIT_UNREACHABLE)
+    except OutboxError as exc:
+        return _fail(args, exc, EXIT_FAILURE)
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+def _fail(args: argparse.Namespace, exc: BaseException, code: int) -> int:
+    if args.verbose:
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"outbox: error: {exc}", file=sys.stderr)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="outbox", description="Transactional outbox relay for OTP-Pi commands.")
+    parser.add_argument("--version", action="version", version=f"outbox {__version__}")
+    parser.add_argument("--config", help="TOML settings file (default: $OUTBOX_CONFIG)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="tracebacks on errors; twice: debug logs")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the relay until SIGTERM/SIGINT")
+    run.add_argument("--workers", type=int, help="worker threads (default: $OUTBOX_WORKERS or 1)")
+    run.add_argument("--batch-size", type=int, help="rows claimed per transaction")
+    run.add_argument("--migrate", action="store_true", help="run `db upgrade` first")
+    run.set_defaults(handler=cmd_run)
+
+    database = commands.add_parser("db", help="migrations")
+    db_commands = database.add_subparsers(title="db commands", metavar="ACTION", required=True)
+    db_commands.add_parser("upgrade", help="migrate to the newest schema").set_defaults(
+        handler=cmd_db_upgrade)
+    db_commands.add_parser("current", help="print the schema revision").set_defaults(
+        handler=cmd_db_current)
+    db_commands.add_parser("check", help="exit 1 unless the schema is current").set_defaults(
+        handler=cmd_db_check)
+    db_commands.add_parser("url", help="print the database URL (the embedded one too)"
+                           ).set_defaults(handler=cmd_db_url)
+
+    enqueue = commands.add_parser("enqueue", help="put one command in the outbox")
+    enqueue.add_argument("command", help="send-sms, send-email, block-msisdn, unblock-msisdn, create-otp")
+    enqueue.add_argument("--receiver")
+    enqueue.add_argument("--message")
+    enqueue.add_argument("--subject")
+    enqueue.add_argument("--reference")
+    enqueue.add_argument("--expiration", type=float, help="Unix seconds")
+    enqueue.add_argument("--expires-in", type=float, help="seconds from now")
+    enqueue.add_argument("--param", action="append", default=[], help="param1..param4, in order")
+    enqueue.add_argument("--data", help="the whole data object as JSON (other options add to it)")
+    enqueue.add_argument("--dedup-key")
+    enqueue.add_argument("--route")
+    enqueue.set_defaults(handler=cmd_enqueue)
+
+    status = commands.add_parser("status", help="rows per state and the oldest pending row")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=cmd_status)
+
+    config = commands.add_parser("config", help="show the effective settings, secrets masked")
+    config.set_defaults(handler=cmd_config)
+
+    ws_relay = commands.add_parser("ws-relay", help="run a WebSocket topic relay for OTP-Pi")
+    ws_relay.add_argument("--host", default="127.0.0.1")
+    ws_relay.add_argument("--port", type=int, default=8765)
+    ws_relay.add_argument("--user")
+    ws_relay.add_argument("--password", help="default: $OUTBOX_WS_RELAY_PASSWORD")
+    ws_relay.set_defaults(handler=cmd_ws_relay)
+    return parser
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """SIGTERM/SIGINT set the returned event; a second one exits at once. Old handlers return."""
+    stop = threading.Event()
+    log = logs.get_logger("outbox.cli")
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            log.warning("relay.forced_exit", signal=signal.Signals(signum).name)
+            raise SystemExit(EXIT_FAILURE)
+        log.info("relay.stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox.relay import RelayService  # noqa: PLC0415 - keeps `outbox --help` fast
+    from outbox.transports import open_transports, validate_transports  # noqa: PLC0415
+
+    validate_transports(settings)
+    url = db.resolve_database_url(settings)
+    if args.migrate or not settings.database_url:
+        db.upgrade(url)
+    problems = db.check(url)
+    if problems:
+        raise ConfigurationError("; ".join(problems))
+    # Open (and drop) every transport once so that a bad URL fails now, not in a worker.
+    for transport in open_transports(settings).values():
+        transport.close()
+    service = RelayService(settings, url, otp=_otp_issuer(settings))
+    with stop_on_signals() as stop:
+        service.run(stop)
+    return EXIT_FAILURE if service.errors else EXIT_OK
+
+
+def _otp_issuer(settings: Settings) -> Any:
+    """The managed-OTP issuer when an OTP secret is configured."""
+    if not settings.otp_secret:
+        return None
+    from outbox.otp import ManagedOtp  # noqa: PLC0415
+
+    return ManagedOtp.from_settings(settings)
+
+
+def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
+    url = db.resolve_database_url(settings)
+    db.upgrade(url)
+    print(f"outbox schema at revision {db.current_revision(url)}")
+    return EXIT_OK
+
+
+def cmd_db_current(args: argparse.Namespace, settings: Settings) -> int:
+    print(db.current_revision(db.resolve_database_url(settings)) or "none")
+    return EXIT_OK
+
+
+def cmd_db_check(args: argparse.Namespace, settings: Settings) -> int:
+    problems = db.check(db.resolve_database_url(settings))
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if not problems:
+        print(f"outbox schema is current ({db.head_revision()})")
+    return EXIT_FAILURE if problems else EXIT_OK
+
+
+def cmd_db_url(args: argparse.Namespace, settings: Settings) -> int:
+    print(db.resolve_database_url(settings))
+    return EXIT_OK
+
+
+def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox.producer import enqueue  # noqa: PLC0415
+
+    data: dict[str, Any] = {}
+    if args.data:
+        try:
+            parsed = json.loads(args.data)
+        except ValueError as exc:
+            raise ConfigurationError(f"--data is not JSON: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise ConfigurationError("--data must be a JSON object")
+        data.update(parsed)
+    for key in ("receiver", "message", "subject", "reference"):
+        value = getattr(args, key)
+        if value is not None:
+            data[key] = value
+    if args.expires_in is not None:
+        data["expiration"] = int(time.time() + args.expires_in)
+    if args.expiration is not None:
+        data["expiration"] = int(args.expiration)
+    if len(args.param) > 4:
+        raise ConfigurationError("at most four --param values (param1..param4)")
+    for index, value in enumerate(args.param, start=1):
+        data[f"param{index}"] = value
+    url = db.resolve_database_url(settings)
+    with db.connect(url) as connection:
+        message_id = enqueue(connection, args.command, data, dedup_key=args.dedup_key,
+                             route=args.route)
+    print(message_id)
+    return EXIT_OK
+
+
+STATUS_QUERY = """
+SELECT state, count(*)::bigint,
+       extract(epoch FROM now() - min(created_at))::float8
+FROM outbox.message GROUP BY state ORDER BY state
+"""
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    url = db.resolve_database_url(settings)
+    with db.connect(url) as connection:
+        rows = connection.execute(STATUS_QUERY).fetchall()
+    counts = {state: 0 for state in ("pending", "sent", "failed", "expired")}
+    oldest_pending = None
+    for state, count, age in rows:
+        counts[state] = count
+        if state == "pending":
+            oldest_pending = age
+    if args.json:
+        print(json.dumps({"counts": counts, "oldest_pending_age_seconds": oldest_pending}))
+    else:
+        for state, count in counts.items():
+            print(f"{state:<8} {count}")
+        age = "-" if oldest_pending is None else f"{oldest_pending:.1f}s"
+        print(f"oldest pending: {age}")
+    return EXIT_OK
+
+
+def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
+    print(json.dumps(settings.masked(), indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def cmd_ws_relay(args: argparse.Namespace, settings: Settings) -> int:
+    import os  # noqa: PLC0415
+
+    from outbox.wsrelay import main_ws_relay  # noqa: PLC0415
+
+    password = args.password or os.environ.get("OUTBOX_WS_RELAY_PASSWORD")
+    return main_ws_relay(args.host, args.port, args.user, password)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Database connections, the embedded Postgres, and migrations."""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from alembic import command as alembic_command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, pool
+from sqlalchemy.engine import Engine
+
+from outbox.errors import ConfigurationError, DatabaseUnavailable
+from outbox.settings import Settings
+
+VERSION_TABLE = "outbox_alembic_version"
+
+
+def libpq_url(url: str) -> str:
+    """A URL libpq understands (``postgresql://``), whatever SQLAlchemy driver it names."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ConfigurationError("DATABASE_URL is not a URL (expected postgresql://user@host/db)")
+    base = scheme.split("+", 1)[0]
+    if base not in ("postgresql", "postgres"):
+        raise ConfigurationError(f"DATABASE_URL scheme {scheme!r} is not PostgreSQL")
+    return f"postgresql://{rest}"
+
+
+def sqlalchemy_url(url: str) -> str:
+    """The same database for SQLAlchemy, always through psycopg 3."""
+    return "postgresql+psycopg://" + libpq_url(url).partition("://")[2]
+
+
+def resolve_database_url(settings: Settings) -> str:
+    """``DATABASE_URL``, or the embedded Postgres (started on first use) when unset."""
+    if settings.database_url:
+        return libpq_url(settings.database_url)
+    return embedded_url(settings.embedded_dir)
+
+
+def embedded_url(directory: str) -> str:
+    """Start (or reuse) the embedded Postgres kept in ``directory`` and return its URL.
+
+    The server keeps running after this process exits, so a second terminal (``outbox
+    enqueue``, ``psql "$(outbox db url)"``) reaches the same database.
+    """
+    try:
+        import pgserver  # noqa: PLC0415 - heavy, only for the embedded default
+    except ImportError as exc:  # pragma: no cover - it is a dependency
+        raise ConfigurationError("no DATABASE_URL and the pgserver package is missing") from exc
+    path = Path(directory).absolute()
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        server = pgserver.get_server(path, cleanup_mode=None)
+    except Exception as exc:
+        raise DatabaseUnavailable(f"cannot start the embedded Postgres in {path}: {exc}") from exc
+    return str(server.get_uri())
+
+
+def connect(url: str, *, autocommit: bool = False, connect_timeout: int = 5) -> psycopg.Connection[Any]:
+    """A psycopg connection, with an unreachable database reported as ``DatabaseUnavailable``."""
+    try:
+        return psycopg.connect(
+            libpq_url(url), autocommit=autocommit, connect_timeout=connect_timeout,
+            application_name="outbox",
+        )
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot connect to the database: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def make_engine(url: str) -> Engine:
+    return create_engine(sqlalchemy_url(url), poolclass=pool.NullPool)
+
+
+# --- migrations ------------------------------------------------------------------------
+
+
+def alembic_config(url: str) -> AlembicConfig:
+    """Alembic configured from the migrations shipped inside the installed package."""
+    config = AlembicConfig()
+    location = importlib.resources.files("outbox.migrations")
+    config.set_main_option("script_location", str(location))
+    config.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
+    return config
+
+
+@contextmanager
+def _alembic(url: str) -> Iterator[AlembicConfig]:
+    config = alembic_config(url)
+    engine = make_engine(url)
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            yield config
+    except psycopg.OperationalError as exc:  # pragma: no cover - raised as sqlalchemy's below
+        raise DatabaseUnavailable(f"cannot connect to the database: {_first_line(exc)}") from exc
+    except Exception as exc:
+        if type(exc).__name__ == "OperationalError":
+            raise DatabaseUnavailable(f"cannot connect to the database: {_first_line(exc)}") from exc
+        raise
+    finally:
+        engine.dispose()
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    with _alembic(url) as config:
+        alembic_command.upgrade(config, revision)
+
+
+def head_revision() -> str:
+    script = ScriptDirectory.from_config(alembic_config("postgresql://localhost/unused"))
+    head = script.get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(url: str) -> str | None:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+            return context.get_current_revision()
+    except Exception as exc:
+        if type(exc).__name__ == "OperationalError":
+            raise DatabaseUnavailable(f"cannot connect to the database: {_first_line(exc)}") from exc
+        raise
+    finally:
+        engine.dispose()
+
+
+def check(url: str) -> list[str]:
+    """Problems between the database and what this version expects; empty when all is well."""
+    problems: list[str] = []
+    current = current_revision(url)
+    head = head_revision()
+    if current != head:
+        problems.append(f"database is at revision {current or 'none'}, this version needs {head}"
+                        " (run `outbox db upgrade`)")
+        return problems
+    from alembic.autogenerate import compare_metadata  # noqa: PLC0415
+
+    from outbox.models import metadata  # noqa: PLC0415
+
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(
+                connection,
+                opts={"include_schemas": True, "version_table": VERSION_TABLE,
+                      "include_name": lambda name, type_, parents: type_ != "schema" or name == "outbox"},
+            )
+            diff = compare_metadata(context, metadata)
+    finally:
+        engine.dispose()
+    problems.extend(f"schema differs from the models: {entry!r}" for entry in diff)
+    return problems
+
+
+__all__ = [
+    "alembic_config",
+    "check",
+    "connect",
+    "current_revision",
+    "embedded_url",
+    "head_revision",
+    "libpq_url",
+    "make_engine",
+    "resolve_database_url",
+    "sqlalchemy_url",
+    "upgrade",
+]

@@ -1,0 +1,45 @@
+"""Prometheus metrics. Labels come only from closed sets: command, route (a configured
+transport name), outcome. Never a receiver, a text or an id."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+from outbox import __version__
+
+MESSAGES = Counter(
+    "outbox_messages",
+    "Messages that reached an outcome, by command, route and outcome "
+    "(sent, retry_scheduled, failed, expired).",
+    ["command", "route", "outcome"],
+)
+PUBLISH_DURATION = Histogram(
+    "outbox_publish_duration_seconds",
+    "Time one transport took to publish and confirm one batch.",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+DELIVERY_LAG = Histogram(
+    "outbox_delivery_lag_seconds",
+    "From the row's creation to the transport's confirmation.",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+             300, 1800, 3600),
+)
+PENDING = Gauge("outbox_pending_messages", "Pending rows, by route.", ["route"])
+OLDEST_PENDING_AGE = Gauge(
+    "outbox_oldest_pending_age_seconds", "Age of the oldest pending row, by route.", ["route"]
+)
+BATCHES = Counter("outbox_batches", "Batches claimed by this process.")
+BUILD_INFO = Info("outbox_build", "Version of the outbox relay.")
+BUILD_INFO.info({"version": __version__})
+
+__all__ = [
+    "BATCHES",
+    "BUILD_INFO",
+    "DELIVERY_LAG",
+    "MESSAGES",
+    "OLDEST_PENDING_AGE",
+    "PENDING",
+    "PUBLISH_DURATION",
+]

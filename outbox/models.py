@@ -1,0 +1,56 @@
+"""SQLAlchemy definitions of outbox's tables: the target alembic compares the database with.
+
+The migrations are written in plain SQL (they also create functions and triggers, which
+SQLAlchemy does not model); ``outbox db check`` and a test make sure the two agree.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP
+
+SCHEMA = "outbox"
+metadata = MetaData(schema=SCHEMA)
+
+STATES = ("pending", "sent", "failed", "expired")
+
+message = Table(
+    "message",
+    metadata,
+    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    Column("command", Text, nullable=False),
+    Column("data", JSONB, nullable=False),
+    Column("route", Text),
+    Column("dedup_key", Text),
+    Column("state", Text, nullable=False, server_default=text("'pending'")),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("available_at", TIMESTAMP(timezone=True), nullable=False, server_default=text("now()")),
+    Column("expires_at", TIMESTAMP(timezone=True)),
+    Column("created_at", TIMESTAMP(timezone=True), nullable=False, server_default=text("now()")),
+    Column("sent_at", TIMESTAMP(timezone=True)),
+    Column("last_error", Text),
+    CheckConstraint("state IN ('pending', 'sent', 'failed', 'expired')", name="message_state_valid"),
+    CheckConstraint("attempts >= 0", name="message_attempts_nonnegative"),
+    Index("message_dedup_key_unique", "dedup_key", unique=True,
+          postgresql_where=text("dedup_key IS NOT NULL")),
+    Index("message_pending_claim", "available_at", "id",
+          postgresql_where=text("state = 'pending'")),
+    Index("message_failed_created", "created_at", postgresql_where=text("state = 'failed'")),
+    Index("message_terminal_created", "created_at",
+          postgresql_where=text("state IN ('sent', 'expired')")),
+    comment="Commands for OTP-Pi devices, written by applications inside their own "
+    "transactions and published by the outbox relay.",
+)
+
+__all__ = ["SCHEMA", "STATES", "message", "metadata"]

@@ -1,0 +1,78 @@
+"""The Python helper: put a command in the outbox inside the caller's transaction.
+
+``enqueue`` never commits and never opens a transaction of its own: the row becomes visible
+to the relay when (and only if) the caller's transaction commits. It accepts a SQLAlchemy
+``Session`` or ``Connection``, or a psycopg 3 ``Connection`` or ``Cursor``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from sqlalchemy import text
+from sqlalchemy.engine import Connection as SAConnection
+from sqlalchemy.orm import Session
+
+from outbox.commands import Command, validate
+from outbox.errors import InvalidCommand
+from outbox.store import insert_message
+
+_SA_INSERT = text(
+    "INSERT INTO outbox.message (command, data, dedup_key, route, available_at) "
+    "VALUES (:command, CAST(:data AS jsonb), :dedup_key, :route, coalesce(:available_at, now())) "
+    "ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING RETURNING id"
+)
+_SA_SELECT = text("SELECT id FROM outbox.message WHERE dedup_key = :dedup_key")
+
+
+def enqueue(
+    target: Session | SAConnection | psycopg.Connection[Any] | psycopg.Cursor[Any],
+    command: Command | str,
+    data: Mapping[str, Any] | None = None,
+    *,
+    dedup_key: str | None = None,
+    route: str | None = None,
+    available_at: datetime | None = None,
+) -> int:
+    """Insert one command; return its row id (the existing row's id for a used ``dedup_key``).
+
+    ``command`` is a typed command (``SendSms(...)``) or a command name with its ``data``.
+    Raises ``InvalidCommand`` naming the broken rule before touching the database, so the
+    caller's transaction is not aborted by bad input.
+    """
+    if isinstance(command, Command):
+        if data is not None:
+            raise TypeError("pass data only with a command name, not with a typed command")
+        name, payload = command.command, command.to_data()
+    else:
+        name, payload = command, dict(data) if isinstance(data, Mapping) else data
+    canonical = validate(name, payload, now=time.time())
+    if dedup_key is not None and not dedup_key:
+        raise InvalidCommand("message_dedup_key_empty", "dedup_key must be non-empty or None")
+    if isinstance(target, psycopg.Connection):
+        with target.cursor() as cursor:
+            return insert_message(cursor, canonical, payload, dedup_key=dedup_key, route=route,
+                                  available_at=available_at)
+    if isinstance(target, psycopg.Cursor):
+        return insert_message(target, canonical, payload, dedup_key=dedup_key, route=route,
+                              available_at=available_at)
+    if isinstance(target, Session | SAConnection):
+        params = {"command": canonical, "data": json.dumps(payload), "dedup_key": dedup_key,
+                  "route": route, "available_at": available_at}
+        row = target.execute(_SA_INSERT, params).first()
+        if row is None:
+            row = target.execute(_SA_SELECT, {"dedup_key": dedup_key}).first()
+        assert row is not None
+        return int(row[0])
+    raise TypeError(
+        f"cannot enqueue through {type(target).__name__}: pass a SQLAlchemy Session or "
+        "Connection, or a psycopg Connection or Cursor"
+    )
+
+
+__all__ = ["enqueue"]

@@ -1,0 +1,371 @@
+"""The relay: claim committed rows, publish them, record what happened.
+
+One :class:`Relay` is one worker with its own database connection and its own transport
+connections. :class:`RelayService` runs several workers side by side plus one LISTEN
+connection that wakes them when an application commits new rows; polling stays as the
+fallback. Several processes, on one host or many, share the work through ``SKIP LOCKED``:
+Postgres is the only coordinator.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import psycopg
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
+
+from outbox import metrics
+from outbox.commands import CREATE_OTP, encode, validate, wire_payload
+from outbox.db import connect
+from outbox.errors import (
+    DatabaseUnavailable,
+    InvalidCommand,
+    OutboxError,
+    PublishError,
+    TransientPublishError,
+)
+from outbox.logs import get_logger
+from outbox.retry import Expire, Fail, Retry, RetryPolicy, decide
+from outbox.settings import Settings
+from outbox.store import (
+    CHANNEL,
+    ClaimedRow,
+    Outcome,
+    PostgresStore,
+    Rescheduled,
+    Store,
+    StoreTransaction,
+)
+from outbox.transports import Envelope, OtpMode, Transport, open_transports
+
+log = get_logger("outbox.relay")
+
+
+class OtpIssuer(Protocol):
+    """Managed OTPs: turns a create-otp row into the finished send-sms / send-email."""
+
+    def issue(self, tx: StoreTransaction, row: ClaimedRow, expires_at: float) -> tuple[str, dict[str, Any]]:
+        """Return (command, data) to publish; raise ``InvalidCommand`` to fail the row."""
+
+
+@dataclass
+class BatchReport:
+    claimed: int = 0
+    sent: int = 0
+    retried: int = 0
+    failed: int = 0
+    expired: int = 0
+
+
+@dataclass
+class _Plan:
+    by_transport: dict[str, list[Envelope]] = field(default_factory=dict)
+    rows: dict[int, ClaimedRow] = field(default_factory=dict)
+    commands: dict[int, str] = field(default_factory=dict)
+    routes: dict[int, str] = field(default_factory=dict)
+    expires_at: dict[int, float | None] = field(default_factory=dict)
+    failed: list[Outcome] = field(default_factory=list)
+    expired: list[Outcome] = field(default_factory=list)
+
+
+class Relay:
+    """One worker. ``process_batch`` is one claim-publish-record cycle in one transaction."""
+
+    def __init__(
+        self,
+        store: Store,
+        transports: Mapping[str, Transport],
+        settings: Settings,
+        *,
+        otp: OtpIssuer | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.transports = transports
+        self.settings = settings
+        self.otp = otp
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.policy = RetryPolicy(settings.backoff_base, settings.backoff_max, settings.max_attempts)
+
+    def process_batch(self) -> BatchReport:
+        with self.store.transaction() as tx:
+            rows = tx.claim_batch(self.settings.batch_size)
+            if not rows:
+                return BatchReport()
+            metrics.BATCHES.inc()
+            now = self.clock()
+            plan = self._plan(tx, rows, now)
+            errors = self._publish(plan)
+            return self._record(tx, plan, errors, self.clock())
+
+    # -- planning: validate, route, expire, encode ------------------------------------------
+
+    def _plan(self, tx: StoreTransaction, rows: Sequence[ClaimedRow], now: float) -> _Plan:
+        plan = _Plan()
+        for row in rows:
+            try:
+                command = validate(row.command, row.data)
+            except InvalidCommand as exc:
+                plan.failed.append(Outcome(row.id, f"invalid command: {exc.message}", attempted=0))
+                continue
+            expires_at = row.expires_at
+            if expires_at is None and command == CREATE_OTP:
+                expires_at = row.created_at + self.settings.otp_ttl
+            if expires_at is not None and expires_at <= now:
+                plan.expired.append(Outcome(row.id, "expired before it could be published", 0))
+                continue
+            names = self.settings.route_for(command, row.route)
+            missing = [name for name in names if name not in self.transports]
+            if missing:
+                plan.failed.append(Outcome(
+                    row.id, f"route {missing[0]!r} names no configured transport", attempted=0))
+                continue
+            try:
+                envelopes = [(name, self._envelope(tx, row, command, name, now, expires_at))
+                             for name in names]
+            except InvalidCommand as exc:
+                plan.failed.append(Outcome(row.id, exc.message, attempted=0))
+                continue
+            plan.rows[row.id] = row
+            plan.commands[row.id] = command
+            plan.routes[row.id] = "+".join(names)
+            plan.expires_at[row.id] = expires_at
+            for name, envelope in envelopes:
+                plan.by_transport.setdefault(name, []).append(envelope)
+        return plan
+
+    def _envelope(self, tx: StoreTransaction, row: ClaimedRow, command: str, route: str,
+                  now: float, expires_at: float | None) -> Envelope:
+        transport = self.transports[route]
+        data: Mapping[str, Any] = row.data
+        wire_command = command
+        if command == CREATE_OTP and transport.options.otp_mode is OtpMode.MANAGED:
+            if self.otp is None:
+                raise InvalidCommand(
+                    "otp_not_configured",
+                    f"route {route!r} manages OTPs but no OTP secret is configured "
+                    "(set OUTBOX_OTP_SECRET, or use otp=device on a REST transport)",
+                )
+            assert expires_at is not None
+            wire_command, data = self.otp.issue(tx, row, expires_at)
+        payload = wire_payload(wire_command, data, message_id=row.id,
+                               dialect=transport.options.dialect, now=now, expires_at=expires_at)
+        return Envelope(row.id, wire_command, encode(payload), attempt=row.attempts + 1)
+
+    # -- publishing ----------------------------------------------------------------------
+
+    def _publish(self, plan: _Plan) -> dict[int, list[PublishError]]:
+        errors: dict[int, list[PublishError]] = {}
+        for name, envelopes in plan.by_transport.items():
+            transport = self.transports[name]
+            started = time.perf_counter()
+            try:
+                failures = transport.publish(envelopes)
+            except PublishError as exc:
+                failures = {envelope.id: exc for envelope in envelopes}
+            except Exception as exc:  # a bug or an unmapped library error: retry, loudly
+                log.exception("transport.unexpected_error", route=name, error=type(exc).__name__)
+                error = TransientPublishError(f"unexpected {type(exc).__name__} in transport {name!r}")
+                failures = {envelope.id: error for envelope in envelopes}
+            metrics.PUBLISH_DURATION.labels(name).observe(time.perf_counter() - started)
+            for message_id, error in failures.items():
+                errors.setdefault(message_id, []).append(error)
+        return errors
+
+    # -- recording -----------------------------------------------------------------------
+
+    def _record(self, tx: StoreTransaction, plan: _Plan, errors: dict[int, list[PublishError]],
+                now: float) -> BatchReport:
+        sent: list[int] = []
+        retries: list[Rescheduled] = []
+        failed = list(plan.failed)
+        expired = list(plan.expired)
+        outcomes: Counter[tuple[str, str, str]] = Counter()
+        for message_id, row in plan.rows.items():
+            command, route = plan.commands[message_id], plan.routes[message_id]
+            row_errors = errors.get(message_id)
+            if not row_errors:
+                sent.append(message_id)
+                outcomes[command, route, "sent"] += 1
+                metrics.DELIVERY_LAG.labels(route).observe(max(0.0, now - row.created_at))
+                log.debug("message.sent", id=message_id, command=command, route=route,
+                          attempt=row.attempts + 1)
+                continue
+            error = next((e for e in row_errors if not e.transient), row_errors[0])
+            decision = decide(self.policy, error, attempts=row.attempts + 1, now=now,
+                              expires_at=plan.expires_at[message_id], rng=self.rng)
+            if isinstance(decision, Retry):
+                retries.append(Rescheduled(message_id, decision.at, decision.reason))
+                outcomes[command, route, "retry_scheduled"] += 1
+                log.warning("message.retry_scheduled", id=message_id, command=command,
+                            route=route, attempt=row.attempts + 1,
+                            retry_in=round(decision.at - now, 3), reason=decision.reason)
+            elif isinstance(decision, Fail):
+                failed.append(Outcome(message_id, decision.reason))
+            elif isinstance(decision, Expire):
+                expired.append(Outcome(message_id, decision.reason))
+        for outcome in failed:
+            command = plan.commands.get(outcome.id, "unknown")
+            outcomes[command, plan.routes.get(outcome.id, "none"), "failed"] += 1
+            log.error("message.failed", id=outcome.id, command=command, reason=outcome.reason)
+        for outcome in expired:
+            command = plan.commands.get(outcome.id, "unknown")
+            outcomes[command, plan.routes.get(outcome.id, "none"), "expired"] += 1
+            log.warning("message.expired", id=outcome.id, reason=outcome.reason)
+        tx.mark_sent(sent)
+        tx.schedule_retry(retries)
+        tx.mark_failed(failed)
+        tx.mark_expired(expired)
+        for (command, route, outcome), count in outcomes.items():
+            metrics.MESSAGES.labels(command, route, outcome).inc(count)
+        claimed = len(plan.rows) + len(plan.failed) + len(plan.expired)
+        return BatchReport(claimed=claimed, sent=len(sent), retried=len(retries),
+                           failed=len(failed), expired=len(expired))
+
+
+# --- running workers ----------------------------------------------------------------------
+
+
+class RelayService:
+    """Runs ``settings.workers`` relays in threads, woken by NOTIFY, until ``stop`` is set."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        database_url: str,
+        *,
+        transports_factory: Callable[[Settings], Mapping[str, Transport]] = open_transports,
+        otp: OtpIssuer | None = None,
+    ) -> None:
+        self.settings = settings
+        self.database_url = database_url
+        self.transports_factory = transports_factory
+        self.otp = otp
+        self._wake_events: list[threading.Event] = []
+        #: monotonic time of the last completed loop turn, for /livez
+        self.last_turn = time.monotonic()
+        self.errors: list[BaseException] = []
+
+    def run(self, stop: threading.Event) -> None:
+        threads = [threading.Thread(target=self._listen, args=(stop,), name="outbox-listen",
+                                    daemon=True)]
+        for index in range(self.settings.workers):
+            wake = threading.Event()
+            self._wake_events.append(wake)
+            threads.append(threading.Thread(target=self._work, args=(stop, wake),
+                                            name=f"outbox-worker-{index}"))
+        log.info("relay.started", workers=self.settings.workers,
+                 batch_size=self.settings.batch_size, transports=sorted(self.settings.transports))
+        for thread in threads:
+            thread.start()
+        try:
+            for thread in threads[1:]:
+                while thread.is_alive():
+                    thread.join(0.2)
+        finally:
+            stop.set()
+            self._wake_all()
+            threads[0].join(2)
+        log.info("relay.stopped")
+
+    def _wake_all(self) -> None:
+        for event in self._wake_events:
+            event.set()
+
+    # -- LISTEN --------------------------------------------------------------------------
+
+    def _listen(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                connection = connect(self.database_url, autocommit=True)
+            except DatabaseUnavailable:
+                stop.wait(1.0)
+                continue
+            try:
+                with connection:
+                    connection.execute(f"LISTEN {CHANNEL}")
+                    self._wake_all()  # rows may have arrived while we were not listening
+                    while not stop.is_set():
+                        for _ in connection.notifies(timeout=0.5, stop_after=1):
+                            self._wake_all()
+            except psycopg.Error:
+                log.warning("relay.listen_lost")
+                stop.wait(0.5)
+
+    # -- one worker ----------------------------------------------------------------------
+
+    def _work(self, stop: threading.Event, wake: threading.Event) -> None:
+        transports = self.transports_factory(self.settings)
+        relay: Relay | None = None
+        try:
+            while not stop.is_set():
+                if relay is None:
+                    relay = self._connect(stop, transports)
+                    if relay is None:
+                        return
+                wake.clear()
+                try:
+                    report = relay.process_batch()
+                    self.last_turn = time.monotonic()
+                    if report.claimed >= self.settings.batch_size:
+                        continue
+                    due = relay.store.next_due()
+                except psycopg.OperationalError as exc:
+                    log.warning("relay.database_lost", error=str(exc).splitlines()[0] if str(exc) else "")
+                    _close_quietly(relay.store)
+                    relay = None
+                    continue
+                timeout = self.settings.poll_interval if due is None else min(
+                    self.settings.poll_interval, max(due, 0.0))
+                if timeout > 0:
+                    wake.wait(timeout)
+        except BaseException as exc:
+            self.errors.append(exc)
+            log.exception("relay.crashed", error=type(exc).__name__)
+            stop.set()
+            raise
+        finally:
+            if relay is not None:
+                _close_quietly(relay.store)
+            for transport in transports.values():
+                try:
+                    transport.close()
+                except Exception:  # noqa: BLE001 - closing is best effort at shutdown
+                    log.warning("transport.close_failed", route=transport.name)
+
+    def _connect(self, stop: threading.Event, transports: Mapping[str, Transport]) -> Relay | None:
+        def before_sleep(state: RetryCallState) -> None:
+            log.warning("relay.database_unavailable", attempt=state.attempt_number)
+
+        retrying = Retrying(
+            retry=retry_if_exception_type(DatabaseUnavailable),
+            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            stop=lambda state: stop.is_set(),
+            sleep=stop.wait,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        try:
+            connection = retrying(connect, self.database_url)
+        except DatabaseUnavailable:
+            return None  # stop was set while waiting
+        store = PostgresStore(connection, blank_texts=self.settings.blank_terminal_texts)
+        return Relay(store, transports, self.settings, otp=self.otp)
+
+
+def _close_quietly(store: Store) -> None:
+    try:
+        store.close()
+    except (OutboxError, psycopg.Error):
+        pass
+
+
+__all__ = ["BatchReport", "OtpIssuer", "Relay", "RelayService"]

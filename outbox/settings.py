@@ -1,0 +1,261 @@
+"""Settings, read once into a frozen object.
+
+Sources, later ones winning: built-in defaults, an optional TOML file (``OUTBOX_CONFIG`` or
+``--config``), then the environment (``DATABASE_URL``, ``OUTBOX_*``). Nothing reads the
+environment at import time.
+
+Transports are named URLs. ``OUTBOX_TRANSPORT`` is the one named ``default``;
+``OUTBOX_TRANSPORT_<NAME>`` adds more. ``OUTBOX_ROUTE_<COMMAND>`` (for example
+``OUTBOX_ROUTE_SEND_SMS=sms``) sends a command to a named transport; commands without a route
+go to ``default``. In TOML: a ``[transports]`` table of ``name = "url"`` and a ``[routes]``
+table of ``"send-sms" = "sms"``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from outbox.commands import COMMANDS
+from outbox.errors import ConfigurationError
+
+DEFAULT_TRANSPORT = "default"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    #: None: run on the embedded Postgres kept in ``embedded_dir``.
+    database_url: str | None = None
+    embedded_dir: str = ".outbox/pgdata"
+    transports: Mapping[str, str] = field(default_factory=lambda: {DEFAULT_TRANSPORT: "stdout://"})
+    routes: Mapping[str, str] = field(default_factory=dict)
+
+    batch_size: int = 200
+    workers: int = 1
+    poll_interval: float = 1.0
+    publish_timeout: float = 10.0
+
+    max_attempts: int = 12
+    backoff_base: float = 1.0
+    backoff_max: float = 600.0
+
+    otp_ttl: int = 300
+    otp_secret: str | None = None
+    otp_previous_secrets: tuple[str, ...] = ()
+    otp_max_attempts: int = 5
+    otp_digits: int = 6
+
+    sent_retention: float = 7 * 86400.0
+    failed_retention: float = 30 * 86400.0
+    purge_interval: float = 60.0
+    blank_terminal_texts: bool = False
+
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    log_format: str = "auto"
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, config_file: str | None = None
+    ) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        path = config_file or env.get("OUTBOX_CONFIG")
+        if path:
+            values.update(_read_toml(path))
+        values.update(_read_env(env))
+        return cls.from_mapping(values)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> Settings:
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, raw in values.items():
+            if key not in known:
+                raise ConfigurationError(f"unknown setting {key!r}")
+            kwargs[key] = _coerce(key, raw, cls.__dataclass_fields__[key].type)
+        settings = cls(**kwargs)
+        settings.validate()
+        return settings
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        settings = replace(self, **changes)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if not self.transports:
+            raise ConfigurationError("no transport configured (set OUTBOX_TRANSPORT)")
+        for name, url in self.transports.items():
+            if not urlsplit(url).scheme:
+                raise ConfigurationError(f"transport {name!r}: {mask_url(url)!r} is not a URL")
+        for command, route in self.routes.items():
+            if command not in COMMANDS:
+                raise ConfigurationError(
+                    f"route for unknown command {command!r} (expected one of: {', '.join(COMMANDS)})"
+                )
+            for name in route_names(route):
+                if name not in self.transports:
+                    raise ConfigurationError(
+                        f"route {command} -> {name!r} names no configured transport "
+                        f"(configured: {', '.join(sorted(self.transports))})"
+                    )
+        for name in ("batch_size", "workers", "max_attempts", "otp_ttl", "otp_max_attempts"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"{name} must be at least 1")
+        if not 4 <= self.otp_digits <= 10:
+            raise ConfigurationError("otp_digits must be between 4 and 10")
+        if self.poll_interval <= 0 or self.publish_timeout <= 0:
+            raise ConfigurationError("poll_interval and publish_timeout must be positive")
+        if self.log_format not in ("auto", "json", "console"):
+            raise ConfigurationError("log_format must be auto, json or console")
+
+    def route_for(self, command: str, row_route: str | None) -> tuple[str, ...]:
+        """The transport names a row goes to: its own ``route``, else the command's, else default."""
+        route = row_route or self.routes.get(command) or DEFAULT_TRANSPORT
+        return route_names(route)
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings with every secret masked, for ``outbox config``."""
+        shown: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "database_url" and value:
+                value = mask_url(value)
+            elif f.name == "transports":
+                value = {name: mask_url(url) for name, url in value.items()}
+            elif f.name in ("otp_secret",) and value:
+                value = "********"
+            elif f.name == "otp_previous_secrets":
+                value = ["********" for _ in value]
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            shown[f.name] = value
+        return shown
+
+
+def route_names(route: str) -> tuple[str, ...]:
+    """``"a"`` is one transport; ``"a+b"`` is an explicit fan-out to both."""
+    names = tuple(part.strip() for part in route.split("+") if part.strip())
+    if not names:
+        raise ConfigurationError(f"empty route {route!r}")
+    return names
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ``***`` (and secret query values too)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{host}" if ":" in userinfo else f"{user}@{host}"
+    query = "&".join(
+        f"{k}=***" if k.lower() in ("password", "secret", "token") else f"{k}={v}" if v else k
+        for k, _, v in (item.partition("=") for item in parts.query.split("&") if item)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+_ENV_PREFIX = "OUTBOX_"
+_NOT_SETTINGS = frozenset({"OUTBOX_CONFIG", "OUTBOX_WS_RELAY_PASSWORD"})
+#: variables with these prefixes belong to tools around outbox (tests, benchmarks)
+_NOT_SETTINGS_PREFIXES = ("OUTBOX_TEST_", "OUTBOX_BENCH_")
+
+
+def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    transports: dict[str, str] = {}
+    routes: dict[str, str] = {}
+    if env.get("DATABASE_URL"):
+        values["database_url"] = env["DATABASE_URL"]
+    for key, raw in env.items():
+        if (not key.startswith(_ENV_PREFIX) or key in _NOT_SETTINGS
+                or key.startswith(_NOT_SETTINGS_PREFIXES)):
+            continue
+        name = key[len(_ENV_PREFIX):].lower()
+        if name == "transport":
+            transports[DEFAULT_TRANSPORT] = raw
+        elif name.startswith("transport_"):
+            transports[name[len("transport_"):]] = raw
+        elif name.startswith("route_"):
+            routes[name[len("route_"):].replace("_", "-")] = raw
+        else:
+            values[name] = raw
+    if transports:
+        values["transports"] = transports
+    if routes:
+        values["routes"] = routes
+    return values
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with Path(path).open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigurationError(f"configuration file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"configuration file {path}: {exc}") from None
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        values[key.replace("-", "_")] = value
+    return values
+
+
+def _coerce(key: str, raw: Any, annotation: Any) -> Any:  # noqa: PLR0911
+    kind = str(annotation)
+    try:
+        if key in ("transports", "routes"):
+            if not isinstance(raw, Mapping):
+                raise TypeError
+            return {str(k): str(v) for k, v in raw.items()}
+        if key == "otp_previous_secrets":
+            if isinstance(raw, str):
+                return tuple(part for part in raw.split(",") if part)
+            return tuple(str(part) for part in raw)
+        if raw is None or (isinstance(raw, str) and raw == "" and "None" in kind):
+            return None
+        if kind.startswith("bool"):
+            if isinstance(raw, bool):
+                return raw
+            lowered = str(raw).strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind.startswith("int"):
+            if isinstance(raw, bool):
+                raise TypeError
+            return int(raw)
+        if kind.startswith("float"):
+            return _duration(raw)
+        return str(raw)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"setting {key}: {raw!r} is not a valid {kind}") from None
+
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _duration(raw: Any) -> float:
+    """A number of seconds, or a string with a unit: ``250ms``, ``30s``, ``5m``, ``7d``."""
+    if isinstance(raw, int | float) and not isinstance(raw, bool):
+        return float(raw)
+    text = str(raw).strip().lower()
+    for unit in ("ms", "s", "m", "h", "d"):
+        if text.endswith(unit) and text[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return float(text[: -len(unit)]) * _UNITS[unit]
+    return float(text)
+
+
+__all__ = ["DEFAULT_TRANSPORT", "Settings", "mask_url", "route_names"]

@@ -1,0 +1,222 @@
+"""Every SQL statement the relay runs, each named for what it does.
+
+The relay works in one transaction per batch::
+
+    with store.transaction() as tx:
+        rows = tx.claim_batch(200)          # FOR UPDATE SKIP LOCKED
+        ... publish ...
+        tx.mark_sent(ids)
+        tx.schedule_retry(...)
+        tx.mark_failed(...)
+        tx.mark_expired(...)
+    # commit: the rows' new states become visible and their locks are released
+
+A crash anywhere before the commit rolls the whole batch back: its rows are pending again and
+another relay (or this one, restarted) publishes them again. That is the at-least-once
+guarantee; the row id on the wire lets consumers drop the repeat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+CHANNEL = "outbox_message"
+
+CLAIM_BATCH = """
+SELECT id, command, data, route, attempts,
+       extract(epoch FROM created_at)::float8,
+       extract(epoch FROM expires_at)::float8
+FROM outbox.message
+WHERE state = 'pending' AND available_at <= now()
+ORDER BY available_at, id
+LIMIT %s
+FOR UPDATE SKIP LOCKED
+"""
+
+MARK_SENT = """
+UPDATE outbox.message
+SET state = 'sent', sent_at = now(), attempts = attempts + 1, last_error = NULL
+WHERE id = ANY(%s)
+"""
+
+MARK_SENT_BLANKING_TEXTS = """
+UPDATE outbox.message
+SET state = 'sent', sent_at = now(), attempts = attempts + 1, last_error = NULL,
+    data = data - 'message' - 'subject'
+WHERE id = ANY(%s)
+"""
+
+SCHEDULE_RETRY = """
+UPDATE outbox.message AS m
+SET attempts = m.attempts + 1, available_at = to_timestamp(u.at), last_error = u.reason
+FROM unnest(%s::bigint[], %s::float8[], %s::text[]) AS u(id, at, reason)
+WHERE m.id = u.id
+"""
+
+MARK_FAILED = """
+UPDATE outbox.message AS m
+SET state = 'failed', attempts = m.attempts + u.attempted, last_error = u.reason
+FROM unnest(%s::bigint[], %s::text[], %s::int[]) AS u(id, reason, attempted)
+WHERE m.id = u.id
+"""
+
+MARK_EXPIRED = """
+UPDATE outbox.message AS m
+SET state = 'expired', attempts = m.attempts + u.attempted, last_error = u.reason
+FROM unnest(%s::bigint[], %s::text[], %s::int[]) AS u(id, reason, attempted)
+WHERE m.id = u.id
+"""
+
+NEXT_DUE = """
+SELECT extract(epoch FROM min(available_at) - now())::float8
+FROM outbox.message
+WHERE state = 'pending'
+"""
+
+INSERT_MESSAGE = """
+INSERT INTO outbox.message (command, data, dedup_key, route, available_at)
+VALUES (%s, %s, %s, %s, coalesce(%s, now()))
+ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
+RETURNING id
+"""
+
+SELECT_ID_BY_DEDUP_KEY = "SELECT id FROM outbox.message WHERE dedup_key = %s"
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedRow:
+    id: int
+    command: str
+    data: Any
+    route: str | None
+    #: attempts made before this one
+    attempts: int
+    created_at: float
+    expires_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    id: int
+    reason: str
+    #: 1 when the row was offered to a transport in this batch, 0 when it never got that far
+    attempted: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Rescheduled:
+    id: int
+    at: float
+    reason: str
+
+
+class StoreTransaction(Protocol):
+    def claim_batch(self, limit: int) -> list[ClaimedRow]: ...
+    def mark_sent(self, ids: Sequence[int]) -> None: ...
+    def schedule_retry(self, rows: Sequence[Rescheduled]) -> None: ...
+    def mark_failed(self, rows: Sequence[Outcome]) -> None: ...
+    def mark_expired(self, rows: Sequence[Outcome]) -> None: ...
+
+
+class Store(Protocol):
+    def transaction(self) -> Any:
+        """A context manager yielding a ``StoreTransaction``; commits on success."""
+
+    def next_due(self) -> float | None:
+        """Seconds until the earliest pending row is due (<= 0: now), None when none is pending."""
+
+    def close(self) -> None: ...
+
+
+class PostgresTransaction:
+    def __init__(self, connection: psycopg.Connection[Any], *, blank_texts: bool) -> None:
+        self._cursor = connection.cursor()
+        self._blank_texts = blank_texts
+
+    def claim_batch(self, limit: int) -> list[ClaimedRow]:
+        self._cursor.execute(CLAIM_BATCH, (limit,))
+        return [ClaimedRow(*row) for row in self._cursor.fetchall()]
+
+    def mark_sent(self, ids: Sequence[int]) -> None:
+        if ids:
+            self._cursor.execute(MARK_SENT_BLANKING_TEXTS if self._blank_texts else MARK_SENT,
+                                 (list(ids),))
+
+    def schedule_retry(self, rows: Sequence[Rescheduled]) -> None:
+        if rows:
+            self._cursor.execute(SCHEDULE_RETRY, ([r.id for r in rows], [r.at for r in rows],
+                                                  [r.reason[:2000] for r in rows]))
+
+    def mark_failed(self, rows: Sequence[Outcome]) -> None:
+        if rows:
+            self._cursor.execute(MARK_FAILED, _outcome_columns(rows))
+
+    def mark_expired(self, rows: Sequence[Outcome]) -> None:
+        if rows:
+            self._cursor.execute(MARK_EXPIRED, _outcome_columns(rows))
+
+    @property
+    def connection(self) -> psycopg.Connection[Any]:
+        return self._cursor.connection
+
+
+def _outcome_columns(rows: Sequence[Outcome]) -> tuple[list[int], list[str], list[int]]:
+    return [r.id for r in rows], [r.reason[:2000] for r in rows], [r.attempted for r in rows]
+
+
+class PostgresStore:
+    """The relay's view of ``outbox.message`` through one psycopg connection."""
+
+    def __init__(self, connection: psycopg.Connection[Any], *, blank_texts: bool = False) -> None:
+        self.connection = connection
+        self._blank_texts = blank_texts
+
+    @contextmanager
+    def transaction(self) -> Iterator[PostgresTransaction]:
+        with self.connection.transaction():
+            yield PostgresTransaction(self.connection, blank_texts=self._blank_texts)
+
+    def next_due(self) -> float | None:
+        with self.connection.transaction():
+            row = self.connection.execute(NEXT_DUE).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def insert_message(
+    cursor: Any,
+    command: str,
+    data: Any,
+    *,
+    dedup_key: str | None,
+    route: str | None,
+    available_at: Any,
+) -> int:
+    """INSERT one row through a DB-API cursor; with a used ``dedup_key``, the existing id."""
+    cursor.execute(INSERT_MESSAGE, (command, Jsonb(data), dedup_key, route, available_at))
+    row = cursor.fetchone()
+    if row is None:
+        cursor.execute(SELECT_ID_BY_DEDUP_KEY, (dedup_key,))
+        row = cursor.fetchone()
+    return int(row[0])
+
+
+__all__ = [
+    "CHANNEL",
+    "ClaimedRow",
+    "Outcome",
+    "PostgresStore",
+    "PostgresTransaction",
+    "Rescheduled",
+    "Store",
+    "StoreTransaction",
+    "insert_message",
+]

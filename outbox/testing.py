@@ -1,0 +1,172 @@
+"""In-memory parts for tests: a transport that records what it was given, and a store that
+behaves like ``outbox.message`` without a database.
+
+Users test their own code with ``MemoryTransport`` (``OUTBOX_TRANSPORT=memory://``); our unit
+tests drive the relay loop with both.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from outbox.commands import validate
+from outbox.errors import PublishError
+from outbox.store import ClaimedRow, Outcome, Rescheduled
+from outbox.transports.base import Envelope, Failures, TransportOptions
+
+
+class MemoryTransport:
+    """Records every envelope it delivers; ``fail`` decides per envelope what goes wrong.
+
+    ``fail(envelope)`` returns ``None`` (delivered) or the ``PublishError`` to report.
+    """
+
+    def __init__(self, name: str = "default", url: str = "memory://",
+                 options: TransportOptions | None = None,
+                 *, fail: Callable[[Envelope], PublishError | None] | None = None) -> None:
+        self.name = name
+        self.options = options or TransportOptions()
+        self.fail = fail
+        self.delivered: list[Envelope] = []
+        self.attempts: list[Envelope] = []
+        self.closed = False
+        self._lock = threading.Lock()
+
+    def publish(self, batch: Sequence[Envelope]) -> Failures:
+        failures: Failures = {}
+        with self._lock:
+            for envelope in batch:
+                self.attempts.append(envelope)
+                error = self.fail(envelope) if self.fail else None
+                if error is None:
+                    self.delivered.append(envelope)
+                else:
+                    failures[envelope.id] = error
+        return failures
+
+    def check(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self.closed = True
+
+    @property
+    def bodies(self) -> list[bytes]:
+        return [envelope.body for envelope in self.delivered]
+
+
+@dataclass
+class MemoryRow:
+    id: int
+    command: str
+    data: Any
+    route: str | None = None
+    dedup_key: str | None = None
+    state: str = "pending"
+    attempts: int = 0
+    available_at: float = 0.0
+    expires_at: float | None = None
+    created_at: float = 0.0
+    sent_at: float | None = None
+    last_error: str | None = None
+
+
+@dataclass
+class MemoryStore:
+    """``outbox.message`` in a dict, with the claim's ordering and one lock for isolation.
+
+    ``validate_on_insert=False`` lets a test put rows in that the database would refuse,
+    to exercise the relay's own defences.
+    """
+
+    clock: Callable[[], float] = time.time
+    rows: dict[int, MemoryRow] = field(default_factory=dict)
+    validate_on_insert: bool = True
+    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+    _claimed: set[int] = field(default_factory=set)
+
+    def insert(self, command: str, data: Any, *, route: str | None = None,
+               dedup_key: str | None = None, available_at: float | None = None,
+               expires_at: float | None = None, created_at: float | None = None) -> int:
+        now = self.clock()
+        if self.validate_on_insert:
+            command = validate(command, data, now=now)
+        if dedup_key is not None:
+            for row in self.rows.values():
+                if row.dedup_key == dedup_key:
+                    return row.id
+        if expires_at is None and isinstance(data, dict) and data.get("expiration") is not None:
+            expires_at = float(data["expiration"])
+        row = MemoryRow(next(self._ids), command, data, route, dedup_key,
+                        available_at=now if available_at is None else available_at,
+                        expires_at=expires_at, created_at=now if created_at is None else created_at)
+        self.rows[row.id] = row
+        return row.id
+
+    @contextmanager
+    def transaction(self) -> Iterator[_MemoryTransaction]:
+        with self._lock:
+            tx = _MemoryTransaction(self)
+            snapshot = {key: MemoryRow(**vars(row)) for key, row in self.rows.items()}
+            try:
+                yield tx
+            except BaseException:
+                self.rows = snapshot
+                raise
+
+    def next_due(self) -> float | None:
+        pending = [row.available_at for row in self.rows.values() if row.state == "pending"]
+        return min(pending) - self.clock() if pending else None
+
+    def close(self) -> None:
+        return None
+
+    def by_state(self, state: str) -> list[MemoryRow]:
+        return [row for row in self.rows.values() if row.state == state]
+
+
+class _MemoryTransaction:
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    def claim_batch(self, limit: int) -> list[ClaimedRow]:
+        now = self.store.clock()
+        due = sorted((row for row in self.store.rows.values()
+                      if row.state == "pending" and row.available_at <= now),
+                     key=lambda row: (row.available_at, row.id))[:limit]
+        return [ClaimedRow(row.id, row.command, row.data, row.route, row.attempts,
+                           row.created_at, row.expires_at) for row in due]
+
+    def mark_sent(self, ids: Sequence[int]) -> None:
+        for message_id in ids:
+            row = self.store.rows[message_id]
+            row.state, row.sent_at, row.last_error = "sent", self.store.clock(), None
+            row.attempts += 1
+
+    def schedule_retry(self, rows: Sequence[Rescheduled]) -> None:
+        for item in rows:
+            row = self.store.rows[item.id]
+            row.attempts += 1
+            row.available_at, row.last_error = item.at, item.reason
+
+    def mark_failed(self, rows: Sequence[Outcome]) -> None:
+        self._finish(rows, "failed")
+
+    def mark_expired(self, rows: Sequence[Outcome]) -> None:
+        self._finish(rows, "expired")
+
+    def _finish(self, rows: Sequence[Outcome], state: str) -> None:
+        for item in rows:
+            row = self.store.rows[item.id]
+            row.state, row.last_error = state, item.reason
+            row.attempts += item.attempted
+
+
+__all__ = ["MemoryRow", "MemoryStore", "MemoryTransport"]

@@ -1,0 +1,103 @@
+"""The one small interface every transport implements."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol, runtime_checkable
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from outbox.commands import Dialect
+from outbox.errors import ConfigurationError, PublishError
+
+
+class OtpMode(StrEnum):
+    #: the device draws, stores and verifies the code (REST only: it must answer)
+    DEVICE = "device"
+    #: the relay draws the code, keeps a keyed hash and sends the finished text
+    MANAGED = "managed"
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One message ready for the wire."""
+
+    #: the outbox row id; travels as AMQP message_id, HTTP Idempotency-Key, data.id
+    id: int
+    #: the README name of the command actually published (create-otp may become send-sms)
+    command: str
+    #: the encoded JSON body, exactly the bytes to send
+    body: bytes
+    #: 1 for the first try of this row, 2 for its first retry, ...
+    attempt: int = 1
+
+
+#: Failures by envelope id; an id that is absent was delivered (confirmed by the peer).
+Failures = dict[int, PublishError]
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """Publishes envelopes and says which were not delivered.
+
+    ``publish`` returns only once every envelope of the batch is either confirmed by the
+    peer (absent from the result) or failed (present, with a transient or permanent error).
+    It may raise a ``PublishError`` for the whole batch instead. Implementations convert
+    their library's exceptions into ``PublishError`` subclasses, ``raise ... from exc``.
+    """
+
+    name: str
+    options: TransportOptions
+
+    def publish(self, batch: Sequence[Envelope]) -> Failures: ...
+
+    def check(self) -> None:
+        """Raise ``PublishError`` when the peer cannot be reached; cheap enough for /readyz."""
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransportOptions:
+    """What outbox itself reads from a transport URL's query (the rest goes to the library)."""
+
+    dialect: Dialect = Dialect.OTP_PI
+    otp_mode: OtpMode = OtpMode.MANAGED
+    timeout: float = 10.0
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+
+OUR_QUERY_KEYS = frozenset({"dialect", "otp", "timeout"})
+
+
+def split_url(url: str, *, default_otp: OtpMode, timeout: float) -> tuple[str, TransportOptions]:
+    """Separate outbox's own query parameters from the URL handed to the library.
+
+    Returns the URL without ``dialect``/``otp``/``timeout`` and the parsed options; every
+    other query parameter is kept in ``options.extra`` *and* in the URL.
+    """
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    ours = {key: value for key, value in query if key in OUR_QUERY_KEYS}
+    rest = [(key, value) for key, value in query if key not in OUR_QUERY_KEYS]
+    try:
+        dialect = Dialect(ours.get("dialect", Dialect.OTP_PI.value))
+    except ValueError:
+        raise ConfigurationError(
+            f"unknown dialect {ours['dialect']!r} (expected otp-pi or readme)"
+        ) from None
+    try:
+        otp_mode = OtpMode(ours.get("otp", default_otp.value))
+    except ValueError:
+        raise ConfigurationError(f"unknown otp mode {ours['otp']!r} (expected device or managed)") from None
+    try:
+        timeout = float(ours.get("timeout", timeout))
+    except ValueError:
+        raise ConfigurationError(f"timeout {ours['timeout']!r} is not a number of seconds") from None
+    stripped = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(rest), parts.fragment))
+    return stripped, TransportOptions(dialect=dialect, otp_mode=otp_mode, timeout=timeout,
+                                      extra=dict(rest))
+
+
+__all__ = ["Envelope", "Failures", "OtpMode", "Transport", "TransportOptions", "split_url"]

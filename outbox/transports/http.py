@@ -1,0 +1,186 @@
+"""``http://`` / ``https://``: OTP-Pi's REST API (PROTOCOL.md section 3).
+
+Every reply is classified deliberately:
+
+=====================================  ==========================================
+reply                                  outcome
+=====================================  ==========================================
+200, ``response_code`` ``0000``        delivered
+``1101`` (no modem connected)          transient: the modem may come back
+``1102`` on ``send-mail``              transient: the mail server may come back
+``1102`` on ``request-otp``            permanent: the device stored the OTP but
+                                       could not send it; a retry would only hit
+                                       ``1201``
+``1201`` on a first attempt            permanent: the reference already has a
+                                       live OTP
+``1201`` on a retry                    delivered: our earlier attempt reached the
+                                       device (its reply was lost) and it stored
+                                       the OTP then
+``{}``                                 permanent: the device did not understand
+                                       the command
+``send-sms`` reply, no response_code   permanent: the device dropped it as
+                                       expired (clock skew or wrong dialect)
+other codes                            permanent, the code in the reason
+401 (empty body)                       permanent: credentials refused
+408, 429, 5xx                          transient
+other 4xx, non-JSON reply              permanent
+timeout, refused, closed, no reply     transient
+=====================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import httpx
+
+from outbox.commands import CREATE_OTP, SEND_EMAIL, SEND_SMS
+from outbox.errors import (
+    ConfigurationError,
+    PermanentPublishError,
+    PublishError,
+    TransientPublishError,
+)
+from outbox.transports.base import Envelope, Failures, TransportOptions
+
+SUCCESS = "0000"
+NO_DEVICE_CONNECTED = "1101"
+FAILED = "1102"
+DUPLICATE = "1201"
+
+
+class HttpTransport:
+    def __init__(self, name: str, url: str, options: TransportOptions,
+                 *, client: httpx.Client | None = None) -> None:
+        self.name = name
+        self.options = options
+        parts = urlsplit(url)
+        if not parts.hostname:
+            raise ConfigurationError(f"transport {name!r}: the URL has no host")
+        auth: httpx.BasicAuth | None = None
+        if parts.username is not None:
+            password = unquote(parts.password or "")
+            if ":" in password:
+                # The device splits "user:password" at the first colon: such a password can
+                # never match, so refuse it here rather than fail every message with 401.
+                raise ConfigurationError(
+                    f"transport {name!r}: OTP-Pi cannot accept a password containing ':'"
+                )
+            auth = httpx.BasicAuth(unquote(parts.username), password)
+        netloc = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+        if ":" in (parts.hostname or "") and not netloc.startswith("["):
+            netloc = f"[{parts.hostname}]" + (f":{parts.port}" if parts.port else "")
+        self.url = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+        self._client = client or httpx.Client(
+            auth=auth,
+            timeout=httpx.Timeout(options.timeout),
+            headers={"Content-Type": "application/json", "Accept": "application/json",
+                     "User-Agent": "outbox-relay"},
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+        )
+        if client is not None and auth is not None:
+            self._client.auth = auth
+
+    # -- Transport ------------------------------------------------------------------------
+
+    def publish(self, batch: Sequence[Envelope]) -> Failures:
+        failures: Failures = {}
+        for envelope in batch:  # the device answers one request at a time
+            try:
+                reply = self._post(envelope.body, idempotency_key=str(envelope.id))
+                classify(envelope, reply)
+            except PublishError as exc:
+                failures[envelope.id] = exc
+        return failures
+
+    def check(self) -> None:
+        try:
+            self._client.request("OPTIONS", self.url)
+        except httpx.HTTPError as exc:
+            raise TransientPublishError(f"{self.name}: cannot reach {self._where()}: {_reason(exc)}") from exc
+
+    def close(self) -> None:
+        self._client.close()
+
+    # -- synchronous calls (verify-otp) --------------------------------------------------
+
+    def call(self, body: bytes, *, idempotency_key: str | None = None) -> dict[str, Any]:
+        """POST one command and return the device's JSON reply (for verify-otp)."""
+        return self._post(body, idempotency_key=idempotency_key)
+
+    def _post(self, body: bytes, *, idempotency_key: str | None) -> dict[str, Any]:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        try:
+            response = self._client.post(self.url, content=body, headers=headers)
+        except httpx.TimeoutException as exc:
+            raise TransientPublishError(f"{self._where()} timed out: {_reason(exc)}") from exc
+        except httpx.RemoteProtocolError as exc:
+            raise TransientPublishError(
+                f"{self._where()} closed the connection without a reply"
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise TransientPublishError(f"cannot reach {self._where()}: {_reason(exc)}") from exc
+        return parse_reply(response)
+
+    def _where(self) -> str:
+        parts = urlsplit(self.url)
+        return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+def parse_reply(response: httpx.Response) -> dict[str, Any]:
+    status = response.status_code
+    if status == 401:
+        raise PermanentPublishError("device refused the credentials (HTTP 401)")
+    if status in (408, 425, 429) or status >= 500:
+        raise TransientPublishError(f"device answered HTTP {status}")
+    if not 200 <= status < 300:
+        raise PermanentPublishError(f"device answered HTTP {status}")
+    try:
+        reply = json.loads(response.content) if response.content.strip() else None
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict):
+        raise PermanentPublishError(f"device answered HTTP {status} without a JSON object")
+    return reply
+
+
+def classify(envelope: Envelope, reply: dict[str, Any]) -> None:
+    """Raise unless ``reply`` means the device took the command."""
+    if not reply:
+        raise PermanentPublishError("device did not understand the command (reply {})")
+    code = reply.get("response_code")
+    if code is None:
+        if envelope.command == SEND_SMS:
+            raise PermanentPublishError(
+                "device dropped the SMS as expired (check the clocks and the dialect)"
+            )
+        raise PermanentPublishError("device reply has no response_code")
+    code = str(code)
+    if code == SUCCESS:
+        return
+    if code == NO_DEVICE_CONNECTED:
+        raise TransientPublishError("device has no modem connected (1101)")
+    if code == FAILED:
+        if envelope.command == CREATE_OTP:
+            raise PermanentPublishError(
+                "device stored the OTP but could not send it (1102); a retry would be refused "
+                "as a duplicate: create a new OTP with a new reference"
+            )
+        what = "e-mail" if envelope.command == SEND_EMAIL else "message"
+        raise TransientPublishError(f"device failed to send the {what} (1102)")
+    if code == DUPLICATE and envelope.command == CREATE_OTP:
+        if envelope.attempt > 1:
+            return  # our earlier attempt reached the device; its reply was lost
+        raise PermanentPublishError("reference already has a live OTP on the device (1201)")
+    raise PermanentPublishError(f"device answered response_code {code[:8]!r}")
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+__all__ = ["HttpTransport", "classify", "parse_reply"]
