@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import psycopg
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_random_exponential
 
 from outbox import metrics
 from outbox.commands import CREATE_OTP, encode, validate, wire_payload
@@ -269,7 +269,9 @@ class RelayService:
         try:
             for thread in threads[1:]:
                 while thread.is_alive():
-                    thread.join(0.2)
+                    if stop.is_set():
+                        self._wake_all()  # workers idle in wait() see the stop at once
+                    thread.join(0.05)
         finally:
             stop.set()
             self._wake_all()
@@ -347,7 +349,7 @@ class RelayService:
 
         retrying = Retrying(
             retry=retry_if_exception_type(DatabaseUnavailable),
-            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            wait=wait_random_exponential(multiplier=0.2, max=5.0),
             stop=lambda state: stop.is_set(),
             sleep=stop.wait,
             before_sleep=before_sleep,

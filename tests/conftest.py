@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbox import db
+from outbox import db, logs
 
 ADMIN_URL = os.environ.get("OUTBOX_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -23,6 +23,12 @@ def _with_database(url: str, name: str) -> str:
     base, _, query = url.partition("?")
     base = base.rsplit("/", 1)[0]
     return f"{base}/{name}" + (f"?{query}" if query else "")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # JSON through the masking processor, at debug level: every event a test provokes is
+    # rendered exactly as in production, so leaks of personal data show up in tests.
+    logs.configure(level="debug", fmt="json")
 
 
 @pytest.fixture(scope="session")
