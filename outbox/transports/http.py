@@ -24,7 +24,9 @@ other codes                            permanent, the code in the reason
 401 (empty body)                       permanent: credentials refused
 408, 429, 5xx                          transient
 other 4xx, non-JSON reply              permanent
-timeout, refused, closed, no reply     transient
+timeout, refused, closed, no reply     transient; after a timeout or a refused
+                                       connection the rest of the batch is not
+                                       tried (transient too)
 =====================================  ==========================================
 """
 
@@ -62,14 +64,14 @@ class HttpTransport:
             raise ConfigurationError(f"transport {name!r}: the URL has no host")
         auth: httpx.BasicAuth | None = None
         if parts.username is not None:
-            password = unquote(parts.password or "")
-            if ":" in password:
-                # The device splits "user:password" at the first colon: such a password can
-                # never match, so refuse it here rather than fail every message with 401.
+            user, password = unquote(parts.username), unquote(parts.password or "")
+            if ":" in user or ":" in password:
+                # The device splits "user:password" at the first colon: such credentials can
+                # never match, so refuse them here rather than fail every message with 401.
                 raise ConfigurationError(
-                    f"transport {name!r}: OTP-Pi cannot accept a password containing ':'"
+                    f"transport {name!r}: OTP-Pi cannot accept a user or password containing ':'"
                 )
-            auth = httpx.BasicAuth(unquote(parts.username), password)
+            auth = httpx.BasicAuth(user, password)
         netloc = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
         if ":" in (parts.hostname or "") and not netloc.startswith("["):
             netloc = f"[{parts.hostname}]" + (f":{parts.port}" if parts.port else "")
@@ -77,8 +79,7 @@ class HttpTransport:
         self._client = client or httpx.Client(
             auth=auth,
             timeout=httpx.Timeout(options.timeout),
-            headers={"Content-Type": "application/json", "Accept": "application/json",
-                     "User-Agent": "outbox-relay"},
+            headers={"User-Agent": "outbox-relay"},
             limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
         )
         if client is not None and auth is not None:
@@ -88,19 +89,31 @@ class HttpTransport:
 
     def publish(self, batch: Sequence[Envelope]) -> Failures:
         failures: Failures = {}
+        unreachable: TransientPublishError | None = None
         for envelope in batch:  # the device answers one request at a time
+            if unreachable is not None:
+                # Do not wait out one timeout per row while the batch holds its row locks.
+                failures[envelope.id] = unreachable
+                continue
             try:
                 reply = self._post(envelope.body, idempotency_key=str(envelope.id))
                 classify(envelope, reply)
+            except _UnreachableError as exc:
+                unreachable = TransientPublishError(f"not tried: {exc}")
+                failures[envelope.id] = exc
             except PublishError as exc:
                 failures[envelope.id] = exc
         return failures
 
     def check(self) -> None:
+        """Reachable and the credentials accepted (the device checks them before the method)."""
         try:
-            self._client.request("OPTIONS", self.url)
+            response = self._client.request("OPTIONS", self.url)
         except httpx.HTTPError as exc:
-            raise TransientPublishError(f"{self.name}: cannot reach {self._where()}: {_reason(exc)}") from exc
+            raise TransientPublishError(
+                f"{self.name}: cannot reach {self._where()}: {_reason(exc)}") from exc
+        if response.status_code == 401:
+            raise PermanentPublishError(f"{self.name}: device refused the credentials (HTTP 401)")
 
     def close(self) -> None:
         self._client.close()
@@ -112,15 +125,21 @@ class HttpTransport:
         return self._post(body, idempotency_key=idempotency_key)
 
     def _post(self, body: bytes, *, idempotency_key: str | None) -> dict[str, Any]:
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        # Per request, not on the client: an injected client must send them too. ``content``
+        # as bytes makes httpx send a Content-Length (the device reads no chunked body).
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if idempotency_key:
+            headers["Idempotency-Key"] = idempotency_key
         try:
             response = self._client.post(self.url, content=body, headers=headers)
         except httpx.TimeoutException as exc:
-            raise TransientPublishError(f"{self._where()} timed out: {_reason(exc)}") from exc
+            raise _UnreachableError(f"{self._where()} timed out: {_reason(exc)}") from exc
         except httpx.RemoteProtocolError as exc:
             raise TransientPublishError(
                 f"{self._where()} closed the connection without a reply"
             ) from exc
+        except httpx.ConnectError as exc:
+            raise _UnreachableError(f"cannot reach {self._where()}: {_reason(exc)}") from exc
         except httpx.HTTPError as exc:
             raise TransientPublishError(f"cannot reach {self._where()}: {_reason(exc)}") from exc
         return parse_reply(response)
@@ -128,6 +147,10 @@ class HttpTransport:
     def _where(self) -> str:
         parts = urlsplit(self.url)
         return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+class _UnreachableError(TransientPublishError):
+    """A timeout or a refused connection: the rest of the batch is not tried."""
 
 
 def parse_reply(response: httpx.Response) -> dict[str, Any]:
