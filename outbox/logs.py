@@ -79,8 +79,15 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     )
 
 
+def debug_enabled() -> bool:
+    """Whether debug events are rendered; lets hot loops skip building per-message events."""
+    wrapper = structlog.get_config().get("wrapper_class")
+    check = getattr(wrapper, "is_enabled_for", None)
+    return True if check is None else bool(check(wrapper, logging.DEBUG))
+
+
 def get_logger(name: str) -> Any:
     return structlog.get_logger(name)
 
 
-__all__ = ["MASK", "configure", "get_logger", "mask_receiver", "mask_sensitive", "mask_value"]
+__all__ = ["MASK", "configure", "debug_enabled", "get_logger", "mask_receiver", "mask_sensitive", "mask_value"]

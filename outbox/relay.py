@@ -30,7 +30,7 @@ from outbox.errors import (
     PublishError,
     TransientPublishError,
 )
-from outbox.logs import get_logger
+from outbox.logs import debug_enabled, get_logger
 from outbox.retry import Expire, Fail, Retry, RetryPolicy, decide
 from outbox.settings import Settings
 from outbox.store import (
@@ -94,6 +94,14 @@ class Relay:
         self.clock = clock
         self.rng = rng or random.Random()
         self.policy = RetryPolicy(settings.backoff_base, settings.backoff_max, settings.max_attempts)
+        self._lag_by_route: dict[str, Any] = {}
+
+    def _lag(self, route: str) -> Any:
+        """The delivery-lag histogram child for ``route`` (label lookup once, not per message)."""
+        child = self._lag_by_route.get(route)
+        if child is None:
+            child = self._lag_by_route[route] = metrics.DELIVERY_LAG.labels(route)
+        return child
 
     def process_batch(self) -> BatchReport:
         with self.store.transaction() as tx:
@@ -185,6 +193,7 @@ class Relay:
     def _record(self, tx: StoreTransaction, plan: _Plan, errors: dict[int, list[PublishError]],
                 now: float) -> BatchReport:
         sent: list[int] = []
+        log_sent = debug_enabled()
         retries: list[Rescheduled] = []
         failed = list(plan.failed)
         expired = list(plan.expired)
@@ -195,9 +204,10 @@ class Relay:
             if not row_errors:
                 sent.append(message_id)
                 outcomes[command, route, "sent"] += 1
-                metrics.DELIVERY_LAG.labels(route).observe(max(0.0, now - row.created_at))
-                log.debug("message.sent", id=message_id, command=command, route=route,
-                          attempt=row.attempts + 1)
+                self._lag(route).observe(max(0.0, now - row.created_at))
+                if log_sent:
+                    log.debug("message.sent", id=message_id, command=command, route=route,
+                              attempt=row.attempts + 1)
                 continue
             error = next((e for e in row_errors if not e.transient), row_errors[0])
             decision = decide(self.policy, error, attempts=row.attempts + 1, now=now,
