@@ -158,7 +158,7 @@ class Relay:
         finally:
             self._leave(name, topic, connection, publisher)
             log.info("ws.client_disconnected", topic=name, role=role, peer=_peer(connection),
-                     code=connection.close_code, frames=frames)
+                     close_code=connection.close_code, frames=frames)
 
     def _leave(self, name: str, topic: _Topic, connection: ServerConnection,
                publisher: bool) -> None:
@@ -171,7 +171,8 @@ class Relay:
             del self._topics[name]
 
     def _forward(self, topic: _Topic, sender: ServerConnection, message: str) -> None:
-        recipients = [client for client in topic.listeners
+        # A copy: _keeps_up() takes a slow client out of the set.
+        recipients = [client for client in list(topic.listeners)
                       if client is not sender and self._keeps_up(topic, client)]
         broadcast(recipients, message)
 
