@@ -115,6 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
     ws_relay.add_argument("--user")
     ws_relay.add_argument("--password", help="default: $OUTBOX_WS_RELAY_PASSWORD")
     ws_relay.set_defaults(handler=cmd_ws_relay)
+
+    otp = commands.add_parser("otp", help="one-time passwords")
+    otp_commands = otp.add_subparsers(title="otp commands", metavar="ACTION", required=True)
+    otp_validate = otp_commands.add_parser(
+        "validate", help="check an OTP: prints the code (0000 valid), exit 0 valid, 1 not")
+    otp_validate.add_argument("--reference", required=True)
+    otp_validate.add_argument("--receiver", required=True)
+    otp_validate.add_argument("--otp", required=True,
+                              help="the code the user typed; '-' reads it from standard input")
+    otp_validate.add_argument("--param", action="append", default=[],
+                              help="param1..param4, in order, as given to create-otp")
+    otp_validate.add_argument("--route", help="the transport(s) the OTP went through "
+                              "(default: the create-otp route)")
+    otp_validate.add_argument("--json", action="store_true", help="machine-readable output")
+    otp_validate.set_defaults(handler=cmd_otp_validate)
     return parser
 
 
@@ -268,6 +283,22 @@ def cmd_ws_relay(args: argparse.Namespace, settings: Settings) -> int:
 
     password = args.password or os.environ.get("OUTBOX_WS_RELAY_PASSWORD")
     return main_ws_relay(args.host, args.port, args.user, password)
+
+
+def cmd_otp_validate(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox.otp import validate  # noqa: PLC0415
+
+    if len(args.param) > 4:
+        raise ConfigurationError("at most four --param values (param1..param4)")
+    code = sys.stdin.readline().strip() if args.otp == "-" else args.otp
+    result = validate(args.reference, args.receiver, code, args.param, settings=settings,
+                      route=args.route)
+    if args.json:
+        print(json.dumps({"code": result.code, "valid": result.valid, "mode": result.mode.value,
+                          "meaning": result.meaning}))
+    else:
+        print(f"{result.code} {result.meaning}")
+    return EXIT_OK if result.valid else EXIT_FAILURE
 
 
 if __name__ == "__main__":  # pragma: no cover

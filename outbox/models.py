@@ -18,7 +18,7 @@ from sqlalchemy import (
     Text,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP
+from sqlalchemy.dialects.postgresql import BYTEA, JSONB, TIMESTAMP
 
 SCHEMA = "outbox"
 metadata = MetaData(schema=SCHEMA)
@@ -53,4 +53,21 @@ message = Table(
     "transactions and published by the outbox relay.",
 )
 
-__all__ = ["SCHEMA", "STATES", "message", "metadata"]
+otp = Table(
+    "otp",
+    metadata,
+    Column("reference", Text, primary_key=True),
+    Column("key_id", Text, nullable=False),
+    Column("digest", BYTEA, nullable=False),
+    Column("message_id", BigInteger, nullable=False),
+    Column("expires_at", TIMESTAMP(timezone=True), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("created_at", TIMESTAMP(timezone=True), nullable=False, server_default=text("now()")),
+    Column("used_at", TIMESTAMP(timezone=True)),
+    CheckConstraint("attempts >= 0", name="otp_attempts_nonnegative"),
+    CheckConstraint("octet_length(digest) = 32", name="otp_digest_sha256"),
+    comment="Managed OTPs: a keyed hash of each code (never the code), its expiry, wrong "
+    "attempts and use.",
+)
+
+__all__ = ["SCHEMA", "STATES", "message", "metadata", "otp"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -88,6 +88,51 @@ RETURNING id
 
 SELECT_ID_BY_DEDUP_KEY = "SELECT id FROM outbox.message WHERE dedup_key = %s"
 
+# --- managed OTPs (outbox.otp: one row per reference, only a keyed hash of the code) ----
+
+FIND_OTP_KEY = """
+SELECT key_id FROM outbox.otp WHERE reference = %s AND message_id = %s
+"""
+
+# Takes the reference unless another row's OTP for it is still live (not used, not expired,
+# its message not failed or expired). A retry of the same row keeps the attempts and the
+# use already made. No row returned: the reference is taken (device code 1201).
+ISSUE_OTP = """
+INSERT INTO outbox.otp AS o (reference, key_id, digest, message_id, expires_at)
+VALUES (%s, %s, %s, %s, to_timestamp(%s))
+ON CONFLICT (reference) DO UPDATE
+SET key_id = excluded.key_id,
+    digest = excluded.digest,
+    expires_at = excluded.expires_at,
+    attempts = CASE WHEN o.message_id = excluded.message_id THEN o.attempts ELSE 0 END,
+    used_at = CASE WHEN o.message_id = excluded.message_id THEN o.used_at END,
+    created_at = CASE WHEN o.message_id = excluded.message_id THEN o.created_at ELSE now() END,
+    message_id = excluded.message_id
+WHERE o.message_id = excluded.message_id
+   OR o.used_at IS NOT NULL
+   OR o.expires_at <= now()
+   OR EXISTS (SELECT 1 FROM outbox.message AS m
+              WHERE m.id = o.message_id AND m.state IN ('failed', 'expired'))
+RETURNING o.message_id
+"""
+
+# FOR UPDATE serialises validations of one reference: of two concurrent right answers, the
+# second waits and then reads used_at set by the first.
+LOCK_OTP = """
+SELECT key_id, digest, attempts, used_at IS NOT NULL, expires_at <= now()
+FROM outbox.otp
+WHERE reference = %s
+FOR UPDATE
+"""
+
+MARK_OTP_USED = """
+UPDATE outbox.otp SET used_at = now() WHERE reference = %s AND used_at IS NULL
+"""
+
+COUNT_OTP_FAILURE = """
+UPDATE outbox.otp SET attempts = attempts + 1 WHERE reference = %s RETURNING attempts
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class ClaimedRow:
@@ -116,12 +161,50 @@ class Rescheduled:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class IssuedOtp:
+    """What the database keeps of a managed OTP: never the code."""
+
+    reference: str
+    key_id: str
+    #: HMAC-SHA-256 of the code bound to reference, receiver and params
+    digest: bytes
+    message_id: int
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoredOtp:
+    key_id: str
+    digest: bytes
+    #: wrong answers so far
+    attempts: int
+    used: bool
+    expired: bool
+
+
 class StoreTransaction(Protocol):
     def claim_batch(self, limit: int) -> list[ClaimedRow]: ...
     def mark_sent(self, ids: Sequence[int]) -> None: ...
     def schedule_retry(self, rows: Sequence[Rescheduled]) -> None: ...
     def mark_failed(self, rows: Sequence[Outcome]) -> None: ...
     def mark_expired(self, rows: Sequence[Outcome]) -> None: ...
+
+
+@runtime_checkable
+class OtpStoreTransaction(Protocol):
+    """The managed-OTP statements; both store implementations provide them."""
+
+    def find_otp_key(self, reference: str, message_id: int) -> str | None:
+        """The key id an OTP for ``reference`` was issued under by ``message_id``, if any."""
+
+    def issue_otp(self, otp: IssuedOtp) -> bool:
+        """Keep ``otp``; False when another row's OTP for the reference is still live."""
+
+    def lock_otp(self, reference: str) -> StoredOtp | None: ...
+    def mark_otp_used(self, reference: str) -> None: ...
+    def count_otp_failure(self, reference: str) -> int:
+        """Count one wrong answer; return the attempts so far."""
 
 
 class Store(Protocol):
@@ -160,6 +243,32 @@ class PostgresTransaction:
     def mark_expired(self, rows: Sequence[Outcome]) -> None:
         if rows:
             self._cursor.execute(MARK_EXPIRED, _outcome_columns(rows))
+
+    def find_otp_key(self, reference: str, message_id: int) -> str | None:
+        self._cursor.execute(FIND_OTP_KEY, (reference, message_id))
+        row = self._cursor.fetchone()
+        return None if row is None else str(row[0])
+
+    def issue_otp(self, otp: IssuedOtp) -> bool:
+        self._cursor.execute(ISSUE_OTP, (otp.reference, otp.key_id, otp.digest, otp.message_id,
+                                         otp.expires_at))
+        return self._cursor.fetchone() is not None
+
+    def lock_otp(self, reference: str) -> StoredOtp | None:
+        self._cursor.execute(LOCK_OTP, (reference,))
+        row = self._cursor.fetchone()
+        if row is None:
+            return None
+        key_id, digest, attempts, used, expired = row
+        return StoredOtp(str(key_id), bytes(digest), int(attempts), bool(used), bool(expired))
+
+    def mark_otp_used(self, reference: str) -> None:
+        self._cursor.execute(MARK_OTP_USED, (reference,))
+
+    def count_otp_failure(self, reference: str) -> int:
+        self._cursor.execute(COUNT_OTP_FAILURE, (reference,))
+        row = self._cursor.fetchone()
+        return 0 if row is None else int(row[0])
 
     @property
     def connection(self) -> psycopg.Connection[Any]:
@@ -212,11 +321,14 @@ def insert_message(
 __all__ = [
     "CHANNEL",
     "ClaimedRow",
+    "IssuedOtp",
+    "OtpStoreTransaction",
     "Outcome",
     "PostgresStore",
     "PostgresTransaction",
     "Rescheduled",
     "Store",
     "StoreTransaction",
+    "StoredOtp",
     "insert_message",
 ]

@@ -17,7 +17,7 @@ from typing import Any
 
 from outbox.commands import validate
 from outbox.errors import PublishError
-from outbox.store import ClaimedRow, Outcome, Rescheduled
+from outbox.store import ClaimedRow, IssuedOtp, Outcome, Rescheduled, StoredOtp
 from outbox.transports.base import Envelope, Failures, TransportOptions
 
 
@@ -78,6 +78,20 @@ class MemoryRow:
 
 
 @dataclass
+class MemoryOtp:
+    """A row of ``outbox.otp``."""
+
+    reference: str
+    key_id: str
+    digest: bytes
+    message_id: int
+    expires_at: float
+    attempts: int = 0
+    created_at: float = 0.0
+    used_at: float | None = None
+
+
+@dataclass
 class MemoryStore:
     """``outbox.message`` in a dict, with the claim's ordering and one lock for isolation.
 
@@ -91,6 +105,8 @@ class MemoryStore:
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _claimed: set[int] = field(default_factory=set)
+    #: ``outbox.otp`` by reference
+    otps: dict[str, MemoryOtp] = field(default_factory=dict)
 
     def insert(self, command: str, data: Any, *, route: str | None = None,
                dedup_key: str | None = None, available_at: float | None = None,
@@ -115,10 +131,11 @@ class MemoryStore:
         with self._lock:
             tx = _MemoryTransaction(self)
             snapshot = {key: MemoryRow(**vars(row)) for key, row in self.rows.items()}
+            otps = {key: MemoryOtp(**vars(otp)) for key, otp in self.otps.items()}
             try:
                 yield tx
             except BaseException:
-                self.rows = snapshot
+                self.rows, self.otps = snapshot, otps
                 raise
 
     def next_due(self) -> float | None:
@@ -168,5 +185,45 @@ class _MemoryTransaction:
             row.state, row.last_error = state, item.reason
             row.attempts += item.attempted
 
+    # -- managed OTPs: the same rules as the statements in outbox.store -------------------
 
-__all__ = ["MemoryRow", "MemoryStore", "MemoryTransport"]
+    def find_otp_key(self, reference: str, message_id: int) -> str | None:
+        otp = self.store.otps.get(reference)
+        return otp.key_id if otp is not None and otp.message_id == message_id else None
+
+    def issue_otp(self, otp: IssuedOtp) -> bool:
+        now = self.store.clock()
+        existing = self.store.otps.get(otp.reference)
+        if existing is not None and existing.message_id == otp.message_id:
+            existing.key_id, existing.digest = otp.key_id, otp.digest
+            existing.expires_at = otp.expires_at
+            return True
+        if existing is not None and existing.used_at is None and existing.expires_at > now:
+            issuer = self.store.rows.get(existing.message_id)
+            if issuer is None or issuer.state not in ("failed", "expired"):
+                return False
+        self.store.otps[otp.reference] = MemoryOtp(
+            otp.reference, otp.key_id, otp.digest, otp.message_id, otp.expires_at, created_at=now)
+        return True
+
+    def lock_otp(self, reference: str) -> StoredOtp | None:
+        otp = self.store.otps.get(reference)
+        if otp is None:
+            return None
+        return StoredOtp(otp.key_id, otp.digest, otp.attempts, otp.used_at is not None,
+                         otp.expires_at <= self.store.clock())
+
+    def mark_otp_used(self, reference: str) -> None:
+        otp = self.store.otps.get(reference)
+        if otp is not None and otp.used_at is None:
+            otp.used_at = self.store.clock()
+
+    def count_otp_failure(self, reference: str) -> int:
+        otp = self.store.otps.get(reference)
+        if otp is None:
+            return 0
+        otp.attempts += 1
+        return otp.attempts
+
+
+__all__ = ["MemoryOtp", "MemoryRow", "MemoryStore", "MemoryTransport"]
