@@ -304,9 +304,13 @@ def wire_payload(
     return {"command": wire_name(command, dialect), "data": body}
 
 
+#: one encoder for every message: ``json.dumps`` with options builds a new one per call
+_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
+
+
 def encode(payload: Mapping[str, Any]) -> bytes:
     """Compact, ASCII-escaped JSON: the device decodes bodies with its default charset."""
-    return json.dumps(payload, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+    return _ENCODER.encode(payload).encode("ascii")
 
 
 __all__ = [
