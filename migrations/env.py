@@ -16,8 +16,8 @@ def _url() -> str:
     url = config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from outbox.settings import Settings  # noqa: PLC0415 - only when run by the alembic CLI
     from outbox.db import sqlalchemy_url  # noqa: PLC0415
+    from outbox.settings import Settings  # noqa: PLC0415 - only when run by the alembic CLI
 
     return sqlalchemy_url(Settings.from_env().database_url)
 

@@ -138,16 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 @contextmanager
 def stop_on_signals() -> Iterator[threading.Event]:
-    """SIGTERM/SIGINT set the returned event; a second one exits at once. Old handlers return."""
+    """SIGTERM/SIGINT set the returned event; a second SIGINT exits at once. Old handlers return."""
     stop = threading.Event()
     log = logs.get_logger("outbox.cli")
 
     def handle(signum: int, frame: FrameType | None) -> None:
-        if stop.is_set():
+        # Set first: a second signal may interrupt this handler while it logs.
+        already = stop.is_set()
+        stop.set()
+        if not already:
+            log.info("relay.stopping", signal=signal.Signals(signum).name)
+        elif signum == signal.SIGINT:
+            # Ctrl-C twice: stop now; the open batch is rolled back by the server.
             log.warning("relay.forced_exit", signal=signal.Signals(signum).name)
             raise SystemExit(EXIT_FAILURE)
-        log.info("relay.stopping", signal=signal.Signals(signum).name)
-        stop.set()
+        # A repeated SIGTERM (a supervisor signalling the whole process group) changes nothing.
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,7 +59,10 @@ def embedded_url(directory: str) -> str:
     path = Path(directory).absolute()
     path.mkdir(parents=True, exist_ok=True)
     try:
-        server = pgserver.get_server(path, cleanup_mode=None)
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI): harmless here
+            warnings.simplefilter("ignore")
+            server = pgserver.get_server(path, cleanup_mode=None)  # type: ignore[attr-defined]
     except Exception as exc:
         raise DatabaseUnavailable(f"cannot start the embedded Postgres in {path}: {exc}") from exc
     return str(server.get_uri())

@@ -90,4 +90,12 @@ def get_logger(name: str) -> Any:
     return structlog.get_logger(name)
 
 
-__all__ = ["MASK", "configure", "debug_enabled", "get_logger", "mask_receiver", "mask_sensitive", "mask_value"]
+__all__ = [
+    "MASK",
+    "configure",
+    "debug_enabled",
+    "get_logger",
+    "mask_receiver",
+    "mask_sensitive",
+    "mask_value",
+]

@@ -50,7 +50,8 @@ def enqueue(
             raise TypeError("pass data only with a command name, not with a typed command")
         name, payload = command.command, command.to_data()
     else:
-        name, payload = command, dict(data) if isinstance(data, Mapping) else data
+        # not a Mapping: validate() refuses it, naming the rule
+        name, payload = command, dict(data) if isinstance(data, Mapping) else data  # type: ignore[assignment]
     canonical = validate(name, payload, now=time.time())
     if dedup_key is not None and not dedup_key:
         raise InvalidCommand("message_dedup_key_empty", "dedup_key must be non-empty or None")

@@ -9,6 +9,7 @@ Postgres is the only coordinator.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -184,8 +185,9 @@ class Relay:
                 failures = {envelope.id: exc for envelope in envelopes}
             except Exception as exc:  # a bug or an unmapped library error: retry, loudly
                 log.exception("transport.unexpected_error", route=name, error=type(exc).__name__)
-                error = TransientPublishError(f"unexpected {type(exc).__name__} in transport {name!r}")
-                failures = {envelope.id: error for envelope in envelopes}
+                unexpected = TransientPublishError(
+                    f"unexpected {type(exc).__name__} in transport {name!r}")
+                failures = {envelope.id: unexpected for envelope in envelopes}
             metrics.PUBLISH_DURATION.labels(name).observe(time.perf_counter() - started)
             for message_id, error in failures.items():
                 errors.setdefault(message_id, []).append(error)
@@ -237,8 +239,8 @@ class Relay:
         tx.schedule_retry(retries)
         tx.mark_failed(failed)
         tx.mark_expired(expired)
-        for (command, route, outcome), count in outcomes.items():
-            metrics.MESSAGES.labels(command, route, outcome).inc(count)
+        for (command, route, state), count in outcomes.items():
+            metrics.MESSAGES.labels(command, route, state).inc(count)
         claimed = len(plan.rows) + len(plan.failed) + len(plan.expired)
         return BatchReport(claimed=claimed, sent=len(sent), retried=len(retries),
                            failed=len(failed), expired=len(expired))
@@ -353,7 +355,7 @@ class RelayService:
             for transport in transports.values():
                 try:
                     transport.close()
-                except Exception:  # noqa: BLE001 - closing is best effort at shutdown
+                except Exception:
                     log.warning("transport.close_failed", route=transport.name)
 
     def _connect(self, stop: threading.Event, transports: Mapping[str, Transport]) -> Relay | None:
@@ -364,7 +366,7 @@ class RelayService:
             retry=retry_if_exception_type(DatabaseUnavailable),
             wait=wait_random_exponential(multiplier=0.2, max=5.0),
             stop=lambda state: stop.is_set(),
-            sleep=stop.wait,
+            sleep=lambda seconds: None if stop.wait(seconds) else None,
             before_sleep=before_sleep,
             reraise=True,
         )
@@ -383,10 +385,8 @@ class RelayService:
 
 
 def _close_quietly(store: Store) -> None:
-    try:
+    with contextlib.suppress(OutboxError, psycopg.Error):
         store.close()
-    except (OutboxError, psycopg.Error):
-        pass
 
 
 __all__ = ["BatchReport", "OtpIssuer", "Relay", "RelayService"]

@@ -25,8 +25,8 @@ class RetryPolicy:
         uniform draw from the upper half, so retries of a burst spread out but the schedule
         still grows.
         """
-        ceiling = min(self.cap, self.base * (2 ** min(attempt - 1, 62)))
-        draw = (rng or random).random()
+        ceiling = min(self.cap, self.base * float(2 ** min(attempt - 1, 62)))
+        draw: float = (rng or random).random()
         return ceiling / 2 + draw * ceiling / 2
 
 

@@ -23,7 +23,14 @@ from urllib.parse import urlsplit
 
 from outbox.errors import ConfigurationError
 from outbox.settings import Settings, mask_url
-from outbox.transports.base import Envelope, Failures, OtpMode, Transport, TransportOptions, split_url
+from outbox.transports.base import (
+    Envelope,
+    Failures,
+    OtpMode,
+    Transport,
+    TransportOptions,
+    split_url,
+)
 
 _SCHEMES: Mapping[str, tuple[str, str, OtpMode]] = {
     "stdout": ("outbox.transports.stdout", "StdoutTransport", OtpMode.MANAGED),

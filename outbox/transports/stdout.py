@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Sequence
 from typing import TextIO
@@ -34,7 +35,5 @@ class StdoutTransport:
             raise TransientPublishError("standard output is closed")
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError, ValueError):
             self.stream.flush()
-        except (OSError, ValueError):
-            pass
