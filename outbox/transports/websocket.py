@@ -7,7 +7,7 @@ sends one text frame per command and keeps the connection for the next batches::
     ws://user:password@relay:8765/ws?topic=sms[&require_listener=true]
 
 The relay acknowledges nothing, so a frame counts as delivered once it is written to the
-socket. What that cannot tell apart:
+socket. Two losses this cannot see by itself:
 
 * frames written just before the relay went away (they sat in a socket buffer that nobody
   read): the relay and the device hold nothing to compare with, so this is the one silent loss
@@ -25,12 +25,15 @@ what happened                          outcome
 =====================================  ==========================================
 frame written to the socket            delivered
 connection lost mid-batch              the frame in flight and the rest: transient
+a write blocked for ``timeout``        connection dropped; that frame and the rest:
+(the relay stopped reading)            transient
 handshake refused with 401 or 403      permanent: credentials refused
 other 4xx in the handshake             permanent (wrong path, missing topic)
 408, 429, 5xx in the handshake         transient
 refused, timed out, reset              transient (after a few quick reconnects)
 no listener (``require_listener``)     transient
-body not ASCII                         permanent (never produced by the relay)
+body not ASCII                         permanent (outbox.commands.encode never
+                                       makes one)
 =====================================  ==========================================
 """
 
@@ -38,6 +41,9 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
+import struct
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -284,14 +290,29 @@ class WebSocketTransport:
         except (OSError, TimeoutError, WebSocketException) as exc:
             raise TransientPublishError(f"cannot reach {self._where}: {_reason(exc)}") from exc
         assert isinstance(connection, PublisherConnection)
-        # Bound every write: a relay that stops reading must not hang the relay loop forever.
-        connection.socket.settimeout(self.options.timeout)
+        _bound_writes(connection.socket, self.options.timeout)
         return connection
 
     def _discard(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.close()  # sends a close frame when still open; no-op otherwise
+
+
+def _bound_writes(sock: socket.socket, timeout: float) -> None:
+    """Make a write to a relay that stopped reading fail after ``timeout`` instead of hanging.
+
+    A kernel send timeout (``SO_SNDTIMEO``) on the blocking socket costs nothing per frame;
+    ``settimeout()`` would make Python poll before every send, which measurably slows a batch
+    (websockets itself switches to ``settimeout()`` only while closing). A blocked send then
+    fails with ``EAGAIN``, which websockets turns into ``ConnectionClosed``.
+    """
+    if sys.platform.startswith("linux") or sys.platform == "darwin":
+        seconds = int(timeout)
+        timeval = struct.pack("ll", seconds, int((timeout - seconds) * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    else:
+        sock.settimeout(timeout)
 
 
 def _handshake_error(where: str, status: int) -> PublishError:

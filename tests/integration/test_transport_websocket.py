@@ -34,6 +34,7 @@ from tests.support.websocket import (
     receive,
     relay_fixture,  # noqa: F401 - provides the relay fixture
     relay_url,
+    stalled_server,
     wait_for_clients,
     wait_until,
 )
@@ -224,6 +225,25 @@ def test_connection_lost_mid_batch_fails_the_rest_as_transient(
         assert all(isinstance(error, TransientPublishError) for error in failures.values())
         assert "mid-batch" in str(next(iter(failures.values())))
         assert transport.publish(sms(30_001, 10)) == {}  # a fresh connection
+
+
+def test_a_relay_that_stops_reading_cannot_hang_a_batch(
+    transports: list[WebSocketTransport],
+) -> None:
+    with stalled_server() as server:
+        transport = open_transport(f"ws://127.0.0.1:{server.port}/ws?topic=sms&timeout=1")
+        transports.append(transport)
+        batch = sms(1, 20_000, padding=1000)  # more than every socket buffer on the way
+        started = time.monotonic()
+
+        failures = transport.publish(batch)
+
+        # Each blocked write gives up after the timeout (1 s); a few may each free a little.
+        assert time.monotonic() - started < 10
+        ids = [item.id for item in batch]
+        assert failures
+        assert sorted(failures) == ids[ids.index(min(failures)):]
+        assert all(isinstance(error, TransientPublishError) for error in failures.values())
 
 
 def test_two_thousand_messages_arrive_complete_and_in_order(

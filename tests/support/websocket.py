@@ -155,7 +155,8 @@ class ThreadedServer:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        async with serve(self.handler, "127.0.0.1", self.port, compression=None) as server:
+        async with serve(self.handler, "127.0.0.1", self.port, compression=None,
+                         close_timeout=1) as server:
             self.port = server.sockets[0].getsockname()[1]
             self._ready.set()
             await self._stop.wait()
@@ -192,5 +193,13 @@ def breaking_server(after: int) -> ThreadedServer:
                 if received >= after:
                     connection.transport.abort()
                     return
+
+    return ThreadedServer(handler)
+
+
+def stalled_server() -> ThreadedServer:
+    """Accepts anyone, never reads: once 16 frames wait, websockets stops reading the socket."""
+    async def handler(connection: ServerConnection) -> None:
+        await connection.wait_closed()
 
     return ThreadedServer(handler)
