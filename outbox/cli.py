@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         handler=cmd_db_check)
     db_commands.add_parser("url", help="print the database URL (the embedded one too)"
                            ).set_defaults(handler=cmd_db_url)
+    db_commands.add_parser("stop-embedded", help="stop the embedded Postgres (no DATABASE_URL)"
+                           ).set_defaults(handler=cmd_db_stop_embedded)
 
     enqueue = commands.add_parser("enqueue", help="put one command in the outbox")
     enqueue.add_argument("command", help="send-sms, send-email, block-msisdn, unblock-msisdn, create-otp")
@@ -214,6 +216,14 @@ def cmd_db_check(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_db_url(args: argparse.Namespace, settings: Settings) -> int:
     print(db.resolve_database_url(settings))
+    return EXIT_OK
+
+
+def cmd_db_stop_embedded(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.database_url:
+        raise ConfigurationError("DATABASE_URL is set: there is no embedded Postgres to stop")
+    stopped = db.stop_embedded(settings.embedded_dir)
+    print("embedded Postgres stopped" if stopped else "no embedded Postgres was running")
     return EXIT_OK
 
 

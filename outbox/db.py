@@ -68,6 +68,20 @@ def embedded_url(directory: str) -> str:
     return str(server.get_uri())
 
 
+def stop_embedded(directory: str) -> bool:
+    """Stop the embedded Postgres kept in ``directory``; False when none was running there."""
+    path = Path(directory).absolute()
+    if not (path / "postmaster.pid").exists():
+        return False
+    import pgserver  # noqa: PLC0415
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        server = pgserver.get_server(path, cleanup_mode="stop")  # type: ignore[attr-defined]
+        server.cleanup()
+    return True
+
+
 def connect(url: str, *, autocommit: bool = False, connect_timeout: int = 5) -> psycopg.Connection[Any]:
     """A psycopg connection, with an unreachable database reported as ``DatabaseUnavailable``."""
     try:

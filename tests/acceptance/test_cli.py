@@ -219,3 +219,31 @@ def test_no_command_prints_help_and_exits_2() -> None:
     result = outbox(env=env_for(None))
     assert result.returncode == 2
     assert "usage: outbox" in result.stderr
+
+
+def test_embedded_postgres_when_no_database_url(tmp_path: Path) -> None:
+    """`make run` on a bare machine: no DATABASE_URL, the relay brings its own Postgres, and a
+    second process enqueues into the same one."""
+    env = env_for(None, OUTBOX_EMBEDDED_DIR=str(tmp_path / "pgdata"), OUTBOX_LOG_FORMAT="json")
+    process = subprocess.Popen([*OUTBOX, "run"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        read_until_event(process.stdout, "relay.started", timeout=120)
+        enqueued = outbox("enqueue", "block-msisdn", "--receiver", "+6281234567", env=env)
+        assert enqueued.returncode == 0, enqueued.stderr
+        [relayed] = read_json_lines(process.stdout, 1, timeout=10)
+        assert relayed["command"] == "block-msisdn"
+        assert relayed["data"]["id"] == int(enqueued.stdout)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+        stopped = outbox("db", "stop-embedded", env=env)
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stdout.strip() == "embedded Postgres stopped"
