@@ -52,16 +52,14 @@ def embedded_url(directory: str) -> str:
     The server keeps running after this process exits, so a second terminal (``outbox
     enqueue``, ``psql "$(outbox db url)"``) reaches the same database.
     """
-    try:
-        import pgserver  # noqa: PLC0415 - heavy, only for the embedded default
-    except ImportError as exc:  # pragma: no cover - it is a dependency
-        raise ConfigurationError("no DATABASE_URL and the pgserver package is missing") from exc
     path = Path(directory).absolute()
     path.mkdir(parents=True, exist_ok=True)
     try:
         with warnings.catch_warnings():
             # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI): harmless here
             warnings.simplefilter("ignore")
+            import pgserver  # noqa: PLC0415 - heavy, only for the embedded default
+
             server = pgserver.get_server(path, cleanup_mode=None)  # type: ignore[attr-defined]
     except Exception as exc:
         raise DatabaseUnavailable(f"cannot start the embedded Postgres in {path}: {exc}") from exc
@@ -73,10 +71,10 @@ def stop_embedded(directory: str) -> bool:
     path = Path(directory).absolute()
     if not (path / "postmaster.pid").exists():
         return False
-    import pgserver  # noqa: PLC0415
-
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # platformdirs' XDG_RUNTIME_DIR warning, as above
+        import pgserver  # noqa: PLC0415
+
         server = pgserver.get_server(path, cleanup_mode="stop")  # type: ignore[attr-defined]
         server.cleanup()
     return True
