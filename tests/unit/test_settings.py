@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from outbox.errors import ConfigurationError
+from outbox.settings import Settings, mask_url
+
+
+def test_defaults_are_the_embedded_database_and_stdout() -> None:
+    settings = Settings.from_env({})
+    assert settings.database_url is None
+    assert dict(settings.transports) == {"default": "stdout://"}
+
+
+def test_environment_names_transports_and_routes() -> None:
+    settings = Settings.from_env({
+        "DATABASE_URL": "postgresql://app@db/app",
+        "OUTBOX_TRANSPORT": "http://u:p@device:8899/api/otp",
+        "OUTBOX_TRANSPORT_SMS": "amqp://guest:guest@rabbit:5672/%2F?topic=sms",
+        "OUTBOX_ROUTE_SEND_SMS": "sms",
+        "OUTBOX_BATCH_SIZE": "500",
+        "OUTBOX_POLL_INTERVAL": "250ms",
+        "OUTBOX_SENT_RETENTION": "2d",
+        "OUTBOX_BLANK_TERMINAL_TEXTS": "yes",
+        "OUTBOX_OTP_PREVIOUS_SECRETS": "old1,old2",
+        "OUTBOX_TEST_AMQP_URL": "ignored: belongs to the test suite",
+        "PATH": "/bin",
+    })
+    assert settings.database_url == "postgresql://app@db/app"
+    assert set(settings.transports) == {"default", "sms"}
+    assert settings.route_for("send-sms", None) == ("sms",)
+    assert settings.route_for("send-email", None) == ("default",)
+    assert settings.route_for("send-sms", "default") == ("default",)
+    assert settings.batch_size == 500
+    assert settings.poll_interval == 0.25
+    assert settings.sent_retention == 2 * 86400
+    assert settings.blank_terminal_texts is True
+    assert settings.otp_previous_secrets == ("old1", "old2")
+
+
+def test_toml_file_then_environment(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.toml"
+    path.write_text('batch_size = 50\nworkers = 3\n[transports]\ndefault = "stdout://"\n'
+                    'rest = "http://device:8899/api/otp"\n[routes]\n"create-otp" = "rest"\n')
+    settings = Settings.from_env({"OUTBOX_CONFIG": str(path), "OUTBOX_WORKERS": "2"})
+    assert (settings.batch_size, settings.workers) == (50, 2)
+    assert settings.route_for("create-otp", None) == ("rest",)
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"OUTBOX_BATCH_SIZ": "5"}, "unknown setting 'batch_siz'"),
+    ({"OUTBOX_BATCH_SIZE": "lots"}, "setting batch_size: 'lots' is not a valid int"),
+    ({"OUTBOX_BATCH_SIZE": "0"}, "batch_size must be at least 1"),
+    ({"OUTBOX_ROUTE_SEND_SMS": "sms"}, "route send-sms -> 'sms' names no configured transport"),
+    ({"OUTBOX_ROUTE_SEND_FAX": "default"}, "route for unknown command 'send-fax'"),
+    ({"OUTBOX_TRANSPORT": "not a url"}, "is not a URL"),
+    ({"OUTBOX_LOG_FORMAT": "xml"}, "log_format must be auto, json or console"),
+    ({"OUTBOX_BLANK_TERMINAL_TEXTS": "perhaps"}, "not a valid bool"),
+    ({"OUTBOX_CONFIG": "/nonexistent/outbox.toml"}, "does not exist"),
+])
+def test_every_mistake_is_named(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Settings.from_env(env)
+
+
+def test_a_broken_toml_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("batch_size = = 3")
+    with pytest.raises(ConfigurationError, match="bad.toml"):
+        Settings.from_env({}, config_file=str(path))
+
+
+def test_masked_settings_show_no_secret() -> None:
+    settings = Settings.from_env({
+        "DATABASE_URL": "postgresql://app:db-pass@db/app",
+        "OUTBOX_TRANSPORT": "mqtt://relay:mq-pass@broker:1883?topic=sms&password=q-pass",
+        "OUTBOX_OTP_SECRET": "otp-secret",
+        "OUTBOX_OTP_PREVIOUS_SECRETS": "old-secret",
+    })
+    shown = repr(settings.masked())
+    for secret in ("db-pass", "mq-pass", "q-pass", "otp-secret", "old-secret"):
+        assert secret not in shown
+    assert "relay:***@broker:1883" in shown
+
+
+def test_mask_url_keeps_what_helps() -> None:
+    assert mask_url("amqp://guest:guest@localhost:5672/%2F?topic=sms") == \
+        "amqp://guest:***@localhost:5672/%2F?topic=sms"
+    assert mask_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
+    assert mask_url("ws://user@relay/ws?topic=a") == "ws://user@relay/ws?topic=a"
