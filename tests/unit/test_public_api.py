@@ -6,6 +6,9 @@ import importlib
 
 import pytest
 
+import outbox
+import outbox.errors
+
 MODULES = ["outbox", "outbox.commands", "outbox.errors", "outbox.retry", "outbox.store",
            "outbox.settings", "outbox.testing", "outbox.transports", "outbox.producer"]
 
@@ -18,9 +21,6 @@ def test_all_names_exist(name: str) -> None:
 
 
 def test_every_error_is_exported_from_the_package() -> None:
-    import outbox
-    import outbox.errors
-
     for attribute in dir(outbox.errors):
         value = getattr(outbox.errors, attribute)
         if isinstance(value, type) and issubclass(value, Exception) and \

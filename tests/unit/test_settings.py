@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,7 @@ def test_toml_file_then_environment(tmp_path: Path) -> None:
     ({"OUTBOX_CONFIG": "/nonexistent/outbox.toml"}, "does not exist"),
 ])
 def test_every_mistake_is_named(env: dict[str, str], message: str) -> None:
-    with pytest.raises(ConfigurationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
         Settings.from_env(env)
 
 
