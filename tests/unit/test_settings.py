@@ -69,7 +69,7 @@ def test_every_mistake_is_named(env: dict[str, str], message: str) -> None:
 def test_a_broken_toml_file_is_named(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text("batch_size = = 3")
-    with pytest.raises(ConfigurationError, match="bad.toml"):
+    with pytest.raises(ConfigurationError, match=r"bad\.toml"):
         Settings.from_env({}, config_file=str(path))
 
 
