@@ -257,13 +257,17 @@ class ManagedOtp:
             elif stored.attempts >= self.max_attempts:
                 result = ValidationResult(LOCKED, OtpMode.MANAGED, attempts_left=0)
             elif secret is not None and hmac.compare_digest(given, stored.digest):
-                tx.mark_otp_used(reference)
-                result = ValidationResult(VALID, OtpMode.MANAGED)
+                # The row lock already makes this the only winner; the guarded UPDATE says so
+                # again should the store ever lose its lock.
+                won = tx.mark_otp_used(reference)
+                result = ValidationResult(VALID if won else INVALID, OtpMode.MANAGED)
             else:
                 attempts = tx.count_otp_failure(reference)
                 result = ValidationResult(INVALID, OtpMode.MANAGED,
                                           attempts_left=max(0, self.max_attempts - attempts))
-        log.info("otp.validated", mode="managed", reference=reference, result=result.code)
+                if attempts == self.max_attempts:
+                    log.warning("otp.locked", reference=reference, attempts=attempts)
+        log.debug("otp.validated", mode="managed", reference=reference, result=result.code)
         return result
 
 
@@ -314,7 +318,7 @@ def verify_on_device(transport: Any, reference: str, receiver: str, otp: str,
     if not reply or code is None:
         raise PermanentPublishError(f"device did not understand {command} (reply {reply!r:.40})")
     result = ValidationResult(str(code), OtpMode.DEVICE)
-    log.info("otp.validated", mode="device", reference=data["reference"], result=result.code)
+    log.debug("otp.validated", mode="device", reference=data["reference"], result=result.code)
     return result
 
 

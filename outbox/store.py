@@ -127,6 +127,7 @@ FOR UPDATE
 
 MARK_OTP_USED = """
 UPDATE outbox.otp SET used_at = now() WHERE reference = %s AND used_at IS NULL
+RETURNING reference
 """
 
 COUNT_OTP_FAILURE = """
@@ -201,8 +202,12 @@ class OtpStoreTransaction(Protocol):
     def issue_otp(self, otp: IssuedOtp) -> bool:
         """Keep ``otp``; False when another row's OTP for the reference is still live."""
 
-    def lock_otp(self, reference: str) -> StoredOtp | None: ...
-    def mark_otp_used(self, reference: str) -> None: ...
+    def lock_otp(self, reference: str) -> StoredOtp | None:
+        """The OTP for ``reference``, locked until the transaction ends."""
+
+    def mark_otp_used(self, reference: str) -> bool:
+        """Use the OTP up; False if it already was (the lock makes that impossible)."""
+
     def count_otp_failure(self, reference: str) -> int:
         """Count one wrong answer; return the attempts so far."""
 
@@ -262,8 +267,9 @@ class PostgresTransaction:
         key_id, digest, attempts, used, expired = row
         return StoredOtp(str(key_id), bytes(digest), int(attempts), bool(used), bool(expired))
 
-    def mark_otp_used(self, reference: str) -> None:
+    def mark_otp_used(self, reference: str) -> bool:
         self._cursor.execute(MARK_OTP_USED, (reference,))
+        return self._cursor.fetchone() is not None
 
     def count_otp_failure(self, reference: str) -> int:
         self._cursor.execute(COUNT_OTP_FAILURE, (reference,))

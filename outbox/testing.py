@@ -213,10 +213,12 @@ class _MemoryTransaction:
         return StoredOtp(otp.key_id, otp.digest, otp.attempts, otp.used_at is not None,
                          otp.expires_at <= self.store.clock())
 
-    def mark_otp_used(self, reference: str) -> None:
+    def mark_otp_used(self, reference: str) -> bool:
         otp = self.store.otps.get(reference)
-        if otp is not None and otp.used_at is None:
-            otp.used_at = self.store.clock()
+        if otp is None or otp.used_at is not None:
+            return False
+        otp.used_at = self.store.clock()
+        return True
 
     def count_otp_failure(self, reference: str) -> int:
         otp = self.store.otps.get(reference)
