@@ -70,26 +70,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="tracebacks on errors; twice: debug logs")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for add in (_add_run, _add_db, _add_enqueue, _add_status, _add_config, _add_ws_relay,
+                _add_otp):
+        add(commands)
+    return parser
 
+
+Subparsers = Any  # argparse's _SubParsersAction is private
+
+
+def _add_run(commands: Subparsers) -> None:
     run = commands.add_parser("run", help="run the relay until SIGTERM/SIGINT")
     run.add_argument("--workers", type=int, help="worker threads (default: $OUTBOX_WORKERS or 1)")
     run.add_argument("--batch-size", type=int, help="rows claimed per transaction")
     run.add_argument("--migrate", action="store_true", help="run `db upgrade` first")
     run.set_defaults(handler=cmd_run)
 
+
+def _add_db(commands: Subparsers) -> None:
     database = commands.add_parser("db", help="migrations")
     db_commands = database.add_subparsers(title="db commands", metavar="ACTION", required=True)
-    db_commands.add_parser("upgrade", help="migrate to the newest schema").set_defaults(
-        handler=cmd_db_upgrade)
-    db_commands.add_parser("current", help="print the schema revision").set_defaults(
-        handler=cmd_db_current)
-    db_commands.add_parser("check", help="exit 1 unless the schema is current").set_defaults(
-        handler=cmd_db_check)
-    db_commands.add_parser("url", help="print the database URL (the embedded one too)"
-                           ).set_defaults(handler=cmd_db_url)
-    db_commands.add_parser("stop-embedded", help="stop the embedded Postgres (no DATABASE_URL)"
-                           ).set_defaults(handler=cmd_db_stop_embedded)
+    for name, help_text, handler in (
+        ("upgrade", "migrate to the newest schema", cmd_db_upgrade),
+        ("current", "print the schema revision", cmd_db_current),
+        ("check", "exit 1 unless the schema is current", cmd_db_check),
+        ("url", "print the database URL (the embedded one too)", cmd_db_url),
+        ("stop-embedded", "stop the embedded Postgres (no DATABASE_URL)", cmd_db_stop_embedded),
+    ):
+        db_commands.add_parser(name, help=help_text).set_defaults(handler=handler)
 
+
+def _add_enqueue(commands: Subparsers) -> None:
     enqueue = commands.add_parser("enqueue", help="put one command in the outbox")
     enqueue.add_argument("command", help="send-sms, send-email, block-msisdn, unblock-msisdn, create-otp")
     enqueue.add_argument("--receiver")
@@ -104,13 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--route")
     enqueue.set_defaults(handler=cmd_enqueue)
 
+
+def _add_status(commands: Subparsers) -> None:
     status = commands.add_parser("status", help="rows per state and the oldest pending row")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=cmd_status)
 
+
+def _add_config(commands: Subparsers) -> None:
     config = commands.add_parser("config", help="show the effective settings, secrets masked")
     config.set_defaults(handler=cmd_config)
 
+
+def _add_ws_relay(commands: Subparsers) -> None:
     ws_relay = commands.add_parser("ws-relay", help="run a WebSocket topic relay for OTP-Pi")
     ws_relay.add_argument("--host", default="127.0.0.1")
     ws_relay.add_argument("--port", type=int, default=8765)
@@ -118,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     ws_relay.add_argument("--password", help="default: $OUTBOX_WS_RELAY_PASSWORD")
     ws_relay.set_defaults(handler=cmd_ws_relay)
 
+
+def _add_otp(commands: Subparsers) -> None:
     otp = commands.add_parser("otp", help="one-time passwords")
     otp_commands = otp.add_subparsers(title="otp commands", metavar="ACTION", required=True)
     otp_validate = otp_commands.add_parser(
@@ -132,7 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
                               "(default: the create-otp route)")
     otp_validate.add_argument("--json", action="store_true", help="machine-readable output")
     otp_validate.set_defaults(handler=cmd_otp_validate)
-    return parser
 
 
 # --- commands ------------------------------------------------------------------------------

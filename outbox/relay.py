@@ -362,11 +362,14 @@ class RelayService:
         def before_sleep(state: RetryCallState) -> None:
             log.warning("relay.database_unavailable", attempt=state.attempt_number)
 
+        def nap(seconds: float) -> None:
+            stop.wait(seconds)  # a stop request ends the wait at once
+
         retrying = Retrying(
             retry=retry_if_exception_type(DatabaseUnavailable),
             wait=wait_random_exponential(multiplier=0.2, max=5.0),
             stop=lambda state: stop.is_set(),
-            sleep=lambda seconds: None if stop.wait(seconds) else None,
+            sleep=nap,
             before_sleep=before_sleep,
             reraise=True,
         )
