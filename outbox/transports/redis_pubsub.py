@@ -1,0 +1,200 @@
+"""``redis://`` / ``rediss://``: Redis pub/sub through redis-py (PROTOCOL.md section 5).
+
+URL: ``redis://[user:password@]host:port/db?topic=<channel>[&accept_no_subscriber=true]``, plus
+any of redis-py's own URL options (``socket_timeout``, ``protocol``, ``client_name``, ...).
+
+A batch is one pipeline of ``PUBLISH <topic> <body>`` (no transaction): one round trip.
+Pub/sub keeps nothing, so the only acknowledgement is ``PUBLISH``'s reply, the number of
+subscribers that got the message:
+
+==================================  =================================================
+reply                               outcome for the envelope
+==================================  =================================================
+1 or more                           delivered
+0                                   transient: nobody subscribed (the device is not
+                                    connected), unless ``accept_no_subscriber=true``
+NOPERM, auth errors                 permanent (the whole batch when raised at connect)
+other error replies                 transient
+connection lost, timeout            transient for the whole batch; the next call
+                                    reconnects
+==================================  =================================================
+
+redis-py's own retries are switched off: they would re-send a whole pipeline after backing off
+for seconds. Reconnecting is a few quick tries of ours (tenacity), bounded by ``timeout``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, Final
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+import redis.exceptions
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_exponential,
+)
+
+from outbox.errors import (
+    ConfigurationError,
+    PermanentPublishError,
+    PublishError,
+    TransientPublishError,
+)
+from outbox.settings import mask_url
+from outbox.transports.base import OUR_QUERY_KEYS, Envelope, Failures, TransportOptions
+
+_OUR_KEYS: Final = frozenset({"topic", "accept_no_subscriber"}) | OUR_QUERY_KEYS
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"", "0", "false", "no", "off"})
+_CONNECT_ATTEMPTS: Final = 3
+#: errors after which a retry cannot help: credentials, ACL, a pre-6.0 AUTH mismatch
+_REFUSED: Final = (
+    redis.exceptions.AuthenticationError,
+    redis.exceptions.AuthenticationWrongNumberOfArgsError,
+    redis.exceptions.NoPermissionError,
+)
+
+
+class RedisTransport:
+    def __init__(self, name: str, url: str, options: TransportOptions) -> None:
+        self.name = name
+        self.options = options
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        ours = {key: value for key, value in query if key in _OUR_KEYS}
+        topic = ours.get("topic", "").strip()
+        if not topic:
+            raise ConfigurationError(
+                f"transport {name!r}: {mask_url(url)!r} has no ?topic= (the channel the device "
+                "subscribes to)"
+            )
+        flag = ours.get("accept_no_subscriber", "").strip().lower()
+        if flag not in _TRUE | _FALSE:
+            raise ConfigurationError(
+                f"transport {name!r}: accept_no_subscriber={flag!r} (expected true or false)"
+            )
+        self.topic = topic
+        #: count a PUBLISH that reached nobody as delivered
+        self.accept_no_subscriber = flag in _TRUE
+        self._topic_bytes = topic.encode()
+        rest = [(key, value) for key, value in query if key not in _OUR_KEYS]
+        library_url = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(rest), ""))
+        self._where = mask_url(urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")))
+        try:
+            # options in the URL win over these keyword defaults (redis-py merges them so)
+            self._client: redis.Redis[bytes] = redis.Redis.from_url(
+                library_url,
+                socket_timeout=options.timeout,
+                socket_connect_timeout=options.timeout,
+                retry=Retry(NoBackoff(), 0),
+            )
+            pool = self._client.connection_pool
+            # builds a connection object without connecting: an unknown URL option fails here
+            pool.connection_class(**pool.connection_kwargs)
+        except (ValueError, TypeError) as exc:
+            raise ConfigurationError(f"transport {name!r}: {mask_url(url)!r}: {exc}") from None
+        #: ping (with retries) before the next publish: first use, or after a connection error
+        self._suspect = True
+        self._lock = threading.Lock()
+
+    # -- Transport ------------------------------------------------------------------------
+
+    def publish(self, batch: Sequence[Envelope]) -> Failures:
+        if not batch:
+            return {}
+        with self._lock:
+            if self._suspect:
+                self._connect(time.monotonic() + self.options.timeout)
+            replies = self._publish_all(batch)
+        return self._failures(batch, replies)
+
+    def check(self) -> None:
+        with self._lock:
+            self._connect(time.monotonic() + self.options.timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            self._suspect = True
+            self._client.close()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _publish_all(self, batch: Sequence[Envelope]) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        publish = pipe.publish
+        topic = self._topic_bytes
+        for envelope in batch:
+            publish(topic, envelope.body)
+        try:
+            return pipe.execute(raise_on_error=False)
+        except redis.exceptions.RedisError as exc:
+            self._suspect = True
+            raise self._error(exc, "cannot publish to") from exc
+        finally:
+            pipe.reset()
+
+    def _failures(self, batch: Sequence[Envelope], replies: list[Any]) -> Failures:
+        failures: Failures = {}
+        accept_nobody = self.accept_no_subscriber
+        nobody: TransientPublishError | None = None
+        for envelope, reply in zip(batch, replies, strict=True):
+            if isinstance(reply, int):
+                if reply > 0 or accept_nobody:
+                    continue
+                if nobody is None:
+                    nobody = TransientPublishError(
+                        f"no subscriber on the channel {self.topic!r} at {self._where} "
+                        "(is the device connected?)"
+                    )
+                failures[envelope.id] = nobody
+            elif isinstance(reply, Exception):
+                failures[envelope.id] = self._error(reply, "PUBLISH failed on")
+            else:
+                failures[envelope.id] = TransientPublishError(
+                    f"unexpected PUBLISH reply {type(reply).__name__} from {self._where}"
+                )
+        return failures
+
+    def _connect(self, deadline: float) -> None:
+        """Ping the server, reconnecting with a few quick tries; raise PublishError if it fails."""
+        retrying = Retrying(
+            retry=retry_if_exception_type(TransientPublishError),
+            stop=stop_after_attempt(_CONNECT_ATTEMPTS)
+            | stop_before_delay(max(deadline - time.monotonic(), 0.0)),
+            wait=wait_exponential(multiplier=0.05, max=min(1.0, self.options.timeout / 4)),
+            reraise=True,
+        )
+        for attempt in retrying:
+            with attempt:
+                try:
+                    self._client.ping()
+                except redis.exceptions.RedisError as exc:
+                    raise self._error(exc, "cannot reach") from exc
+        self._suspect = False
+
+    def _error(self, exc: Exception, context: str) -> PublishError:
+        if isinstance(exc, _REFUSED):
+            return PermanentPublishError(
+                f"{context} {self._where}: Redis refused the client ({_reason(exc)}); "
+                "check the user, password and ACL"
+            )
+        if isinstance(exc, redis.exceptions.TimeoutError):
+            return TransientPublishError(f"{context} {self._where}: timed out")
+        return TransientPublishError(f"{context} {self._where}: {_reason(exc)}")
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+__all__ = ["RedisTransport"]
