@@ -9,6 +9,7 @@ secrets, at any depth of the event.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
@@ -35,7 +36,23 @@ def mask_value(key: str, value: Any) -> Any:
         return {k: mask_value(str(k), v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [mask_value(key, item) for item in value]
+    if isinstance(value, str):
+        return scrub_text(value)
     return value
+
+
+# Personal data inside free text: a transport's error message or a traceback that quotes a
+# receiver. Phone numbers are runs of 7 to 15 digits not glued to other digits, letters or
+# separators (so no timestamp, IP address, port or version number matches).
+_EMAIL_RE = re.compile(r"[^\s@\"'<>()\[\],;:]+@[^\s@\"'<>()\[\],;:]+\.[A-Za-z]{2,}")
+_MSISDN_RE = re.compile(r"(?<![\w+])(?<!\d[.:/-])\+?\d{7,15}(?!\w|[.:/-]\d)")
+
+
+def scrub_text(text: str) -> str:
+    """``text`` with every e-mail address and phone number in it masked like a receiver."""
+    if "@" in text:
+        text = _EMAIL_RE.sub(lambda match: str(mask_receiver(match.group())), text)
+    return _MSISDN_RE.sub(lambda match: str(mask_receiver(match.group())), text)
 
 
 def mask_receiver(value: Any) -> Any:
@@ -62,13 +79,19 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
     else:
         renderer = structlog.processors.JSONRenderer()
+    # Client libraries report through stdlib logging what our transports already turn into
+    # errors and events of our own (pika logs every lost connection at ERROR, with the
+    # broker address); keep only their critical messages.
+    for noisy in ("pika", "paho", "websockets", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            mask_sensitive,
+            # Before masking: a rendered traceback is text that may quote a receiver.
             structlog.processors.format_exc_info,
+            mask_sensitive,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
@@ -98,4 +121,5 @@ __all__ = [
     "mask_receiver",
     "mask_sensitive",
     "mask_value",
+    "scrub_text",
 ]
