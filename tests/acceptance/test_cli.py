@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -107,17 +108,23 @@ def read_until_event(stream: IO[str], event: str, timeout: float) -> dict[str, A
 def test_two_relay_processes_publish_each_row_exactly_once(relay_env: dict[str, str],
                                                            clean_db: str, tmp_path: Path) -> None:
     total = 3000
+    env = {**relay_env, "OUTBOX_BATCH_SIZE": "50"}
+    outputs = [tmp_path / "a.out", tmp_path / "b.out"]
+    handles = [path.open("w") for path in outputs]
+    processes = [subprocess.Popen([*OUTBOX, "run"], env=env, stdout=handle,
+                                  stderr=subprocess.DEVNULL) for handle in handles]
+    deadline = time.monotonic() + 60
+    # both must be running (signal handlers installed) before the rows arrive
+    while not all('"relay.started"' in path.read_text() for path in outputs):
+        assert time.monotonic() < deadline, "the relays did not start"
+        assert all(process.poll() is None for process in processes)
+        time.sleep(0.05)
     with psycopg.connect(clean_db) as app:
         app.execute("""INSERT INTO outbox.message (command, data)
             SELECT 'send-sms', jsonb_build_object('receiver', '+62812' || lpad(n::text, 6, '0'),
                                                   'message', 'm' || n)
             FROM generate_series(1, %s) AS n""", (total,))
         app.commit()
-    env = {**relay_env, "OUTBOX_BATCH_SIZE": "50"}
-    outputs = [tmp_path / "a.out", tmp_path / "b.out"]
-    handles = [path.open("w") for path in outputs]
-    processes = [subprocess.Popen([*OUTBOX, "run"], env=env, stdout=handle,
-                                  stderr=subprocess.DEVNULL) for handle in handles]
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -160,7 +167,7 @@ def test_enqueue_and_status(relay_env: dict[str, str]) -> None:
     assert otp.returncode == 0, otp.stderr
     status = outbox("status", env=relay_env)
     assert status.returncode == 0
-    assert "pending  2" in status.stdout
+    assert re.search(r"^pending\s+2$", status.stdout, re.MULTILINE), status.stdout
 
 
 def test_bad_input_is_refused_naming_the_problem(relay_env: dict[str, str]) -> None:
