@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_exponential,
+    wait_random,
+)
+
 from outbox.commands import Dialect
-from outbox.errors import ConfigurationError, PublishError
+from outbox.errors import ConfigurationError, PublishError, TransientPublishError
 
 
 class OtpMode(StrEnum):
@@ -100,4 +110,43 @@ def split_url(url: str, *, default_otp: OtpMode, timeout: float) -> tuple[str, T
                                       extra=dict(rest))
 
 
-__all__ = ["Envelope", "Failures", "OtpMode", "Transport", "TransportOptions", "split_url"]
+#: connection attempts inside one publish/check call; durable retries are the relay's job
+CONNECT_ATTEMPTS = 3
+
+
+def quick_reconnects(deadline: float, timeout: float) -> Retrying:
+    """Tenacity for short reconnects inside one call: a few tries of transient failures,
+    exponential waits (with a little jitter) bounded by the call's ``deadline``."""
+    return Retrying(
+        retry=retry_if_exception_type(TransientPublishError),
+        stop=stop_after_attempt(CONNECT_ATTEMPTS)
+        | stop_before_delay(max(deadline - time.monotonic(), 0.0)),
+        wait=wait_exponential(multiplier=0.05, max=max(0.05, min(1.0, timeout / 4)))
+        + wait_random(0, 0.05),
+        reraise=True,
+    )
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+
+
+def url_flag(transport: str, key: str, value: str | None) -> bool:
+    """A true/false URL query option, refused by name when it is neither."""
+    flag = (value or "").strip().lower()
+    if flag not in _TRUE | _FALSE:
+        raise ConfigurationError(f"transport {transport!r}: {key}={flag!r} (expected true or false)")
+    return flag in _TRUE
+
+
+__all__ = [
+    "CONNECT_ATTEMPTS",
+    "Envelope",
+    "Failures",
+    "OtpMode",
+    "Transport",
+    "TransportOptions",
+    "quick_reconnects",
+    "split_url",
+    "url_flag",
+]

@@ -45,13 +45,6 @@ from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
-from tenacity import (
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    stop_before_delay,
-    wait_exponential,
-)
 
 from outbox.errors import (
     ConfigurationError,
@@ -60,7 +53,13 @@ from outbox.errors import (
     TransientPublishError,
 )
 from outbox.settings import mask_url
-from outbox.transports.base import OUR_QUERY_KEYS, Envelope, Failures, TransportOptions
+from outbox.transports.base import (
+    OUR_QUERY_KEYS,
+    Envelope,
+    Failures,
+    TransportOptions,
+    quick_reconnects,
+)
 
 DEFAULT_PORTS: Final = {"mqtt": 1883, "mqtts": 8883}
 DEFAULT_QOS: Final = 1
@@ -83,7 +82,6 @@ _REFUSED: Final = frozenset({
     "Banned",
     "Bad authentication method",
 })
-_CONNECT_ATTEMPTS: Final = 3
 _QUICKACK: Final[int | None] = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 #: how often a wait for acknowledgements looks whether the connection is gone
 _WAIT_SLICE: Final = 0.05
@@ -177,13 +175,7 @@ class MqttTransport:
             if session.healthy:
                 return session
             self._drop()
-        retrying = Retrying(
-            retry=retry_if_exception_type(TransientPublishError),
-            stop=stop_after_attempt(_CONNECT_ATTEMPTS)
-            | stop_before_delay(max(deadline - time.monotonic(), 0.0)),
-            wait=wait_exponential(multiplier=0.05, max=min(1.0, self.options.timeout / 4)),
-            reraise=True,
-        )
+        retrying = quick_reconnects(deadline, self.options.timeout)
         for attempt in retrying:
             with attempt:
                 session = _Session(self._config, self.qos)

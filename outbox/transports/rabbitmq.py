@@ -50,13 +50,6 @@ import pika
 import pika.exceptions
 import pika.spec
 from pika.adapters.utils import connection_workflow
-from tenacity import (
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    stop_before_delay,
-    wait_exponential,
-)
 
 from outbox.errors import (
     ConfigurationError,
@@ -65,7 +58,13 @@ from outbox.errors import (
     TransientPublishError,
 )
 from outbox.settings import mask_url
-from outbox.transports.base import OUR_QUERY_KEYS, Envelope, Failures, TransportOptions
+from outbox.transports.base import (
+    OUR_QUERY_KEYS,
+    Envelope,
+    Failures,
+    TransportOptions,
+    quick_reconnects,
+)
 
 JSON: Final = "application/json"
 #: RabbitMQ doesn't persist messages sent with mode 1; the device's queue is not durable anyway.
@@ -75,7 +74,6 @@ DECLARE_MODES: Final = ("none", "passive", "device")
 _OUR_KEYS: Final = frozenset({"topic", "declare"}) | OUR_QUERY_KEYS
 #: reply codes after which retrying cannot help (ACCESS_REFUSED, NOT_ALLOWED, PRECONDITION_FAILED)
 _PERMANENT_REPLY_CODES: Final = frozenset({403, 406, 530})
-_CONNECT_ATTEMPTS: Final = 3
 #: how long a polite Connection.Close may take before the socket is dropped
 _CLOSE_GRACE: Final = 1.0
 
@@ -158,13 +156,7 @@ class RabbitMqTransport:
             if session.healthy:
                 return session
             self._drop()
-        retrying = Retrying(
-            retry=retry_if_exception_type(TransientPublishError),
-            stop=stop_after_attempt(_CONNECT_ATTEMPTS)
-            | stop_before_delay(max(deadline - time.monotonic(), 0.0)),
-            wait=wait_exponential(multiplier=0.05, max=min(1.0, self.options.timeout / 4)),
-            reraise=True,
-        )
+        retrying = quick_reconnects(deadline, self.options.timeout)
         for attempt in retrying:
             with attempt:
                 session = _Session(self._params, self.topic, self.declare, self._where)

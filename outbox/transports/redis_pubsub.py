@@ -35,13 +35,6 @@ import redis
 import redis.exceptions
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from tenacity import (
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    stop_before_delay,
-    wait_exponential,
-)
 
 from outbox.errors import (
     ConfigurationError,
@@ -50,12 +43,16 @@ from outbox.errors import (
     TransientPublishError,
 )
 from outbox.settings import mask_url
-from outbox.transports.base import OUR_QUERY_KEYS, Envelope, Failures, TransportOptions
+from outbox.transports.base import (
+    OUR_QUERY_KEYS,
+    Envelope,
+    Failures,
+    TransportOptions,
+    quick_reconnects,
+    url_flag,
+)
 
 _OUR_KEYS: Final = frozenset({"topic", "accept_no_subscriber"}) | OUR_QUERY_KEYS
-_TRUE: Final = frozenset({"1", "true", "yes", "on"})
-_FALSE: Final = frozenset({"", "0", "false", "no", "off"})
-_CONNECT_ATTEMPTS: Final = 3
 #: errors after which a retry cannot help: credentials, ACL, a pre-6.0 AUTH mismatch
 _REFUSED: Final = (
     redis.exceptions.AuthenticationError,
@@ -77,21 +74,17 @@ class RedisTransport:
                 f"transport {name!r}: {mask_url(url)!r} has no ?topic= (the channel the device "
                 "subscribes to)"
             )
-        flag = ours.get("accept_no_subscriber", "").strip().lower()
-        if flag not in _TRUE | _FALSE:
-            raise ConfigurationError(
-                f"transport {name!r}: accept_no_subscriber={flag!r} (expected true or false)"
-            )
         self.topic = topic
         #: count a PUBLISH that reached nobody as delivered
-        self.accept_no_subscriber = flag in _TRUE
+        self.accept_no_subscriber = url_flag(name, "accept_no_subscriber",
+                                             ours.get("accept_no_subscriber"))
         self._topic_bytes = topic.encode()
         rest = [(key, value) for key, value in query if key not in _OUR_KEYS]
         library_url = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(rest), ""))
         self._where = mask_url(urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")))
         try:
             # options in the URL win over these keyword defaults (redis-py merges them so)
-            self._client: redis.Redis[bytes] = redis.Redis.from_url(
+            self._client: redis.Redis = redis.Redis.from_url(
                 library_url,
                 socket_timeout=options.timeout,
                 socket_connect_timeout=options.timeout,
@@ -166,13 +159,7 @@ class RedisTransport:
 
     def _connect(self, deadline: float) -> None:
         """Ping the server, reconnecting with a few quick tries; raise PublishError if it fails."""
-        retrying = Retrying(
-            retry=retry_if_exception_type(TransientPublishError),
-            stop=stop_after_attempt(_CONNECT_ATTEMPTS)
-            | stop_before_delay(max(deadline - time.monotonic(), 0.0)),
-            wait=wait_exponential(multiplier=0.05, max=min(1.0, self.options.timeout / 4)),
-            reraise=True,
-        )
+        retrying = quick_reconnects(deadline, self.options.timeout)
         for attempt in retrying:
             with attempt:
                 try:

@@ -49,14 +49,6 @@ import time
 from collections.abc import Sequence
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
-from tenacity import (
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_exponential,
-    wait_random,
-)
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, WebSocketException
 from websockets.frames import DATA_OPCODES, Frame, Opcode
 from websockets.protocol import Event, State
@@ -70,7 +62,7 @@ from outbox.errors import (
     TransientPublishError,
 )
 from outbox.settings import mask_url
-from outbox.transports.base import Envelope, Failures, TransportOptions
+from outbox.transports.base import Envelope, Failures, TransportOptions, quick_reconnects, url_flag
 
 #: Request header by which a publisher asks our relay for listener counts (and not for frames).
 ROLE_HEADER = "X-Outbox-Role"
@@ -78,11 +70,6 @@ PUBLISHER_ROLE = "publisher"
 #: Response header by which our relay says it reports listeners, with the count at handshake.
 LISTENERS_HEADER = "X-Outbox-Listeners"
 
-#: Quick reconnects within one publish or check, all within ``options.timeout``.
-CONNECT_ATTEMPTS = 3
-
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off", ""})
 _TRANSIENT_STATUSES = frozenset({408, 425, 429})
 
 
@@ -146,12 +133,8 @@ class WebSocketTransport:
                 "(the relay forwards frames to the clients of a topic)"
             )
         self.topic = topics[-1]
-        flags = [value.strip().lower() for key, value in query if key == "require_listener"]
-        if flags and flags[-1] not in _TRUE | _FALSE:
-            raise ConfigurationError(
-                f"transport {name!r}: require_listener={flags[-1]!r} (expected true or false)"
-            )
-        self.require_listener = bool(flags) and flags[-1] in _TRUE
+        flags = [value for key, value in query if key == "require_listener"]
+        self.require_listener = url_flag(name, "require_listener", flags[-1] if flags else None)
 
         self._headers = {ROLE_HEADER: PUBLISHER_ROLE}
         if parts.username is not None:
@@ -253,14 +236,7 @@ class WebSocketTransport:
             return connection
         self._discard()
         deadline = time.monotonic() + self.options.timeout
-        retrying = Retrying(
-            retry=retry_if_exception_type(TransientPublishError),
-            stop=stop_after_attempt(CONNECT_ATTEMPTS) | stop_after_delay(self.options.timeout),
-            # wait_exponential_jitter's arguments changed between tenacity 8 and 9; these did not
-            wait=wait_exponential(multiplier=0.05, max=max(0.05, self.options.timeout / 4))
-            + wait_random(0, 0.05),
-            reraise=True,
-        )
+        retrying = quick_reconnects(deadline, self.options.timeout)
         connection = retrying(self._connect, deadline)
         if self.require_listener and connection.listeners is None:
             connection.close()
