@@ -117,7 +117,9 @@ def _alembic(url: str) -> Iterator[AlembicConfig]:
     config = alembic_config(url)
     engine = make_engine(url)
     try:
-        with engine.begin() as connection:
+        # Not engine.begin(): alembic opens one transaction per migration itself, and a
+        # migration may need to step outside it (CREATE INDEX CONCURRENTLY).
+        with engine.connect() as connection:
             config.attributes["connection"] = connection
             yield config
     except psycopg.OperationalError as exc:  # pragma: no cover - raised as sqlalchemy's below

@@ -49,6 +49,7 @@ message = Table(
     Index("message_failed_created", "created_at", postgresql_where=text("state = 'failed'")),
     Index("message_terminal_created", "created_at",
           postgresql_where=text("state IN ('sent', 'expired')")),
+    Index("message_sent_at", "sent_at", postgresql_where=text("state = 'sent'")),
     comment="Commands for OTP-Pi devices, written by applications inside their own "
     "transactions and published by the outbox relay.",
 )

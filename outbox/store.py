@@ -73,6 +73,16 @@ FROM unnest(%s::bigint[], %s::text[], %s::int[]) AS u(id, reason, attempted)
 WHERE m.id = u.id
 """
 
+# An expired row is never published again: its texts can go as a sent row's do. A failed
+# row keeps them, since `outbox failed retry` may send it after all.
+MARK_EXPIRED_BLANKING_TEXTS = """
+UPDATE outbox.message AS m
+SET state = 'expired', attempts = m.attempts + u.attempted, last_error = u.reason,
+    data = m.data - 'message' - 'subject'
+FROM unnest(%s::bigint[], %s::text[], %s::int[]) AS u(id, reason, attempted)
+WHERE m.id = u.id
+"""
+
 NEXT_DUE = """
 SELECT extract(epoch FROM min(available_at) - now())::float8
 FROM outbox.message
@@ -247,7 +257,8 @@ class PostgresTransaction:
 
     def mark_expired(self, rows: Sequence[Outcome]) -> None:
         if rows:
-            self._cursor.execute(MARK_EXPIRED, _outcome_columns(rows))
+            self._cursor.execute(MARK_EXPIRED_BLANKING_TEXTS if self._blank_texts
+                                 else MARK_EXPIRED, _outcome_columns(rows))
 
     def find_otp_key(self, reference: str, message_id: int) -> str | None:
         self._cursor.execute(FIND_OTP_KEY, (reference, message_id))
