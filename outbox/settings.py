@@ -13,6 +13,8 @@ table of ``"send-sms" = "sms"``.
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -115,6 +117,38 @@ class Settings:
             raise ConfigurationError("poll_interval and publish_timeout must be positive")
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigurationError("log_format must be auto, json or console")
+        self._validate_operations()
+
+    def _validate_operations(self) -> None:
+        if self.database_url is not None:
+            scheme = urlsplit(self.database_url).scheme.lower()
+            if scheme.split("+", 1)[0] not in ("postgresql", "postgres"):
+                raise ConfigurationError(
+                    f"DATABASE_URL {mask_url(self.database_url)!r} is not a PostgreSQL URL "
+                    "(expected postgresql://user:password@host:5432/database)")
+        unrouted = [command for command in COMMANDS
+                    if DEFAULT_TRANSPORT in self.route_for(command, None)]
+        if unrouted and DEFAULT_TRANSPORT not in self.transports:
+            raise ConfigurationError(
+                f"{', '.join(unrouted)} go to the {DEFAULT_TRANSPORT!r} transport, which is not "
+                "configured (set OUTBOX_TRANSPORT, or route them with OUTBOX_ROUTE_<COMMAND>)")
+        # Scheme, dialect, OTP mode and timeout of every transport URL, without connecting.
+        from outbox.transports import validate_transports  # noqa: PLC0415 - imports us
+
+        validate_transports(self)
+        for name in ("sent_retention", "failed_retention"):
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(f"{name} must be a positive duration (e.g. 7d)")
+        if self.purge_interval < 0:
+            raise ConfigurationError("purge_interval must be a duration, or 0 to leave "
+                                     "retention to `outbox purge`")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigurationError(f"metrics_port {self.metrics_port} is not a TCP port "
+                                     "(0 to 65535; 0 picks a free one)")
+        if not self.metrics_host:
+            raise ConfigurationError("metrics_host must name an address to listen on")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+            raise ConfigurationError("log_level must be debug, info, warning, error or critical")
 
     def route_for(self, command: str, row_route: str | None) -> tuple[str, ...]:
         """The transport names a row goes to: its own ``route``, else the command's, else default."""
@@ -130,9 +164,9 @@ class Settings:
                 value = mask_url(value)
             elif f.name == "transports":
                 value = {name: mask_url(url) for name, url in value.items()}
-            elif f.name in ("otp_secret",) and value:
+            elif _is_secret(f.name) and isinstance(value, str) and value:
                 value = "********"
-            elif f.name == "otp_previous_secrets":
+            elif _is_secret(f.name) and isinstance(value, tuple):
                 value = ["********" for _ in value]
             elif isinstance(value, Mapping):
                 value = dict(value)
@@ -140,6 +174,17 @@ class Settings:
                 value = list(value)
             shown[f.name] = value
         return shown
+
+
+#: a setting or URL query key containing one of these holds a secret ...
+_SECRET_WORDS = ("secret", "pass", "token", "auth", "credential", "signature")
+#: ... and so do these (but not ``routing_key`` or ``key_id``)
+_SECRET_NAMES = frozenset({"key", "apikey", "api_key", "api-key", "access_key", "private_key"})
+
+
+def _is_secret(name: str) -> bool:
+    lowered = name.lower()
+    return lowered in _SECRET_NAMES or any(word in lowered for word in _SECRET_WORDS)
 
 
 def route_names(route: str) -> tuple[str, ...]:
@@ -159,16 +204,31 @@ def mask_url(url: str) -> str:
         user = userinfo.split(":", 1)[0]
         netloc = f"{user}:***@{host}" if ":" in userinfo else f"{user}@{host}"
     query = "&".join(
-        f"{k}=***" if k.lower() in ("password", "secret", "token") else f"{k}={v}" if v else k
+        f"{k}=***" if _is_secret(k) else f"{k}={v}" if v else k
         for k, _, v in (item.partition("=") for item in parts.query.split("&") if item)
     )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    masked = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    if not netloc and url.startswith(f"{parts.scheme}://"):
+        masked = f"{parts.scheme}://{masked[len(parts.scheme) + 1:]}"  # keep "stdout://"
+    return masked
 
 
 _ENV_PREFIX = "OUTBOX_"
 _NOT_SETTINGS = frozenset({"OUTBOX_CONFIG", "OUTBOX_WS_RELAY_PASSWORD"})
 #: variables with these prefixes belong to tools around outbox (tests, benchmarks)
 _NOT_SETTINGS_PREFIXES = ("OUTBOX_TEST_", "OUTBOX_BENCH_")
+
+
+_SETTING_NAMES = tuple(f.name for f in fields(Settings))
+
+
+def _check_known(name: str, origin: str, spelled: Any = str) -> None:
+    """Refuse a setting that does not exist, suggesting the closest one."""
+    if name in _SETTING_NAMES:
+        return
+    close = difflib.get_close_matches(name, _SETTING_NAMES, n=1)
+    hint = f"; did you mean {spelled(close[0])}?" if close else ""
+    raise ConfigurationError(f"unknown setting {name!r} ({origin}{hint})")
 
 
 def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
@@ -189,6 +249,7 @@ def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
         elif name.startswith("route_"):
             routes[name[len("route_"):].replace("_", "-")] = raw
         else:
+            _check_known(name, f"from {key}", lambda known: f"{_ENV_PREFIX}{known.upper()}")
             values[name] = raw
     if transports:
         values["transports"] = transports
@@ -207,7 +268,9 @@ def _read_toml(path: str) -> dict[str, Any]:
         raise ConfigurationError(f"configuration file {path}: {exc}") from None
     values: dict[str, Any] = {}
     for key, value in data.items():
-        values[key.replace("-", "_")] = value
+        name = key.replace("-", "_")
+        _check_known(name, f"in {path}")
+        values[name] = value
     return values
 
 
@@ -247,6 +310,17 @@ def _coerce(key: str, raw: Any, annotation: Any) -> Any:  # noqa: PLR0911, PLR09
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
+def parse_duration(text: str) -> float:
+    """Seconds from ``90``, ``250ms``, ``30s``, ``5m``, ``2h`` or ``7d``; ValueError if not."""
+    try:
+        seconds = _duration(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration (examples: 90, 30s, 5m, 2h, 7d)") from None
+    if seconds < 0 or not math.isfinite(seconds):
+        raise ValueError(f"{text!r} is not a duration (examples: 90, 30s, 5m, 2h, 7d)")
+    return seconds
+
+
 def _duration(raw: Any) -> float:
     """A number of seconds, or a string with a unit: ``250ms``, ``30s``, ``5m``, ``7d``."""
     if isinstance(raw, int | float) and not isinstance(raw, bool):
@@ -258,4 +332,4 @@ def _duration(raw: Any) -> float:
     return float(text)
 
 
-__all__ = ["DEFAULT_TRANSPORT", "Settings", "mask_url", "route_names"]
+__all__ = ["DEFAULT_TRANSPORT", "Settings", "mask_url", "parse_duration", "route_names"]
