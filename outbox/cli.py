@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
-from outbox import __version__, db, logs
+from outbox import __version__, console, db, logs
 from outbox.errors import ConfigurationError, DatabaseUnavailable, OutboxError, PublishError
 from outbox.settings import Settings
 
@@ -41,9 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ) if value is not None}
         if overrides:
             settings = settings.with_overrides(**overrides)
+        handler: Handler = args.handler
         logs.configure(level="debug" if args.verbose > 1 else settings.log_level,
                        fmt=settings.log_format)
-        handler: Handler = args.handler
         return handler(args, settings)
     except ConfigurationError as exc:
         return _fail(args, exc, EXIT_USAGE)
@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="tracebacks on errors; twice: debug logs")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for add in (_add_run, _add_db, _add_enqueue, _add_status, _add_config, _add_ws_relay,
-                _add_otp):
+    for add in (_add_run, _add_db, _add_enqueue, _add_status, _add_failed, _add_purge,
+                _add_check, _add_config, _add_ws_relay, _add_otp):
         add(commands)
     return parser
 
@@ -117,9 +117,54 @@ def _add_enqueue(commands: Subparsers) -> None:
 
 
 def _add_status(commands: Subparsers) -> None:
-    status = commands.add_parser("status", help="rows per state and the oldest pending row")
+    status = commands.add_parser(
+        "status", help="rows per state, pending rows per route, the send rate (cheap)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=cmd_status)
+
+
+def _add_failed(commands: Subparsers) -> None:
+    failed = commands.add_parser("failed", help="inspect, retry or discard failed rows")
+    actions = failed.add_subparsers(title="failed commands", metavar="ACTION", required=True)
+    for name, help_text, handler in (
+        ("list", "the newest failed rows, receivers masked", cmd_failed_list),
+        ("retry", "make failed rows pending again (same id, attempts reset)", cmd_failed_retry),
+        ("discard", "delete failed rows", cmd_failed_discard),
+    ):
+        action = actions.add_parser(name, help=help_text)
+        action.add_argument("--id", action="append", default=[], metavar="ID",
+                            help="a row id; repeat or separate with commas")
+        action.add_argument("--command", help="send-sms, send-email, ...")
+        action.add_argument("--route", help="the effective route (a transport name, or a+b)")
+        action.add_argument("--older-than", metavar="AGE", help="created before: 30m, 2h, 7d")
+        action.add_argument("--newer-than", metavar="AGE", help="created within: 30m, 2h, 7d")
+        action.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "list":
+            action.add_argument("--limit", type=int, default=50, help="rows shown (default 50)")
+        else:
+            action.add_argument("--all", action="store_true",
+                                help="every failed row (needed when no filter is given)")
+            action.add_argument("--dry-run", action="store_true",
+                                help="only count the rows it would touch")
+        action.set_defaults(handler=handler, action=name)
+
+
+def _add_purge(commands: Subparsers) -> None:
+    purge = commands.add_parser(
+        "purge", help="delete sent/expired rows past sent_retention, failed past failed_retention")
+    purge.add_argument("--dry-run", action="store_true", help="only count what would go")
+    purge.add_argument("--batch-size", type=int, default=1000, dest="purge_batch_size",
+                       help="rows deleted per transaction (default 1000)")
+    purge.add_argument("--json", action="store_true", help="machine-readable output")
+    purge.set_defaults(handler=cmd_purge)
+
+
+def _add_check(commands: Subparsers) -> None:
+    check = commands.add_parser(
+        "check", help="probe the database, its schema and every transport once; "
+                      "exit 0 ok, 1 schema not current, 2 configuration, 3 unreachable")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.set_defaults(handler=cmd_check)
 
 
 def _add_config(commands: Subparsers) -> None:
@@ -183,7 +228,8 @@ def stop_on_signals() -> Iterator[threading.Event]:
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    from outbox.relay import RelayService  # noqa: PLC0415 - keeps `outbox --help` fast
+    from outbox.housekeeping import Housekeeper  # noqa: PLC0415 - keeps `outbox --help` fast
+    from outbox.relay import RelayService  # noqa: PLC0415
     from outbox.transports import open_transports, validate_transports  # noqa: PLC0415
 
     validate_transports(settings)
@@ -197,9 +243,26 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     for transport in open_transports(settings).values():
         transport.close()
     service = RelayService(settings, url, otp=_otp_issuer(settings))
-    with stop_on_signals() as stop:
-        service.run(stop)
+    server = _health_server(settings, url, service)
+    housekeeper = Housekeeper(settings, url, sample_metrics=server is not None)
+    try:
+        with stop_on_signals() as stop:
+            chores = housekeeper.start(stop)
+            service.run(stop)
+            chores.join(5)
+    finally:
+        if server is not None:
+            server.stop()
     return EXIT_FAILURE if service.errors else EXIT_OK
+
+
+def _health_server(settings: Settings, url: str, service: Any) -> Any:
+    """/metrics, /livez and /readyz on ``metrics_port``, when one is configured."""
+    if settings.metrics_port is None:
+        return None
+    from outbox import health  # noqa: PLC0415
+
+    return health.serve(settings, url, lambda: service.last_turn)
 
 
 def _otp_issuer(settings: Settings) -> Any:
@@ -277,31 +340,166 @@ def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-STATUS_QUERY = """
-SELECT state, count(*)::bigint,
-       extract(epoch FROM now() - min(created_at))::float8
-FROM outbox.message GROUP BY state ORDER BY state
-"""
-
-
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    url = db.resolve_database_url(settings)
-    with db.connect(url) as connection:
-        rows = connection.execute(STATUS_QUERY).fetchall()
-    counts = {state: 0 for state in ("pending", "sent", "failed", "expired")}
-    oldest_pending = None
-    for state, count, age in rows:
-        counts[state] = count
-        if state == "pending":
-            oldest_pending = age
+    from outbox.admin import read_status  # noqa: PLC0415
+
+    with db.connect(db.resolve_database_url(settings), autocommit=True) as connection:
+        status = read_status(connection, settings)
     if args.json:
-        print(json.dumps({"counts": counts, "oldest_pending_age_seconds": oldest_pending}))
+        print(json.dumps(status.as_json()))
+        return EXIT_OK
+    print(console.table(
+        ["state", "rows", ""],
+        [[state, console.count(count), "estimated" if state in status.estimated else ""]
+         for state, count in status.counts.items()], right=[1]))
+    print()
+    if status.routes:
+        print(console.table(
+            ["route", "pending", "due", "retrying", "oldest"],
+            [[r.route, f"{r.pending:,}", f"{r.due:,}", f"{r.retrying:,}",
+              console.age(r.oldest_pending_age_seconds)] for r in status.routes],
+            right=[1, 2, 3, 4]))
     else:
-        for state, count in counts.items():
-            print(f"{state:<8} {count}")
-        age = "-" if oldest_pending is None else f"{oldest_pending:.1f}s"
-        print(f"oldest pending: {age}")
+        print("no pending rows")
+    rate = status.rate
+    print(f"\nsent in the last {console.age(rate.window_seconds)}: {rate.sent:,} "
+          f"({rate.per_second:,.1f}/s)")
+    table = status.table
+    dead = table.dead_rows / max(table.live_rows + table.dead_rows, 1)
+    vacuumed = "never" if table.vacuumed_seconds_ago is None else \
+        f"{console.age(table.vacuumed_seconds_ago)} ago"
+    print(f"table: {table.total_bytes / 2**20:,.0f} MB with indexes, {dead:.1%} dead rows, "
+          f"last vacuum {vacuumed}")
     return EXIT_OK
+
+
+def _failed_filter(args: argparse.Namespace) -> Any:
+    from outbox.admin import FailedFilter, parse_ids  # noqa: PLC0415
+    from outbox.settings import parse_duration  # noqa: PLC0415
+
+    try:
+        ids = parse_ids(args.id)
+        older = None if args.older_than is None else parse_duration(args.older_than)
+        newer = None if args.newer_than is None else parse_duration(args.newer_than)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+    where = FailedFilter(ids=ids, command=args.command, route=args.route, older_than=older,
+                         newer_than=newer)
+    if where.is_everything and not getattr(args, "all", True):
+        raise ConfigurationError(f"`outbox failed {args.action}` needs a filter "
+                                 "(--id, --command, --route, --older-than, --newer-than) "
+                                 "or --all")
+    return where
+
+
+def cmd_failed_list(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox.admin import count_failed, list_failed  # noqa: PLC0415
+
+    where = _failed_filter(args)
+    with db.connect(db.resolve_database_url(settings), autocommit=True) as connection:
+        rows = list_failed(connection, where, settings=settings, limit=max(args.limit, 0))
+        total = count_failed(connection, where, settings=settings)
+    if args.json:
+        print(json.dumps({"total": total, "rows": [row.as_json() for row in rows]}))
+        return EXIT_OK
+    if not rows:
+        print("no failed rows match")
+        return EXIT_OK
+    now = time.time()
+    print(console.table(
+        ["id", "age", "command", "route", "receiver", "attempts", "error"],
+        [[row.id, console.age(now - row.created_at.timestamp()), row.command, row.route,
+          row.receiver or "-", row.attempts, _shorten(row.last_error or "", 70)]
+         for row in rows], right=[0, 1, 5]))
+    if total > len(rows):
+        print(f"({len(rows)} newest of {total:,}; --limit shows more)")
+    return EXIT_OK
+
+
+def _shorten(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def cmd_failed_retry(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox.admin import retry_failed  # noqa: PLC0415
+
+    return _failed_bulk(args, settings, retry_failed, "retried", "retrying")
+
+
+def cmd_failed_discard(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox.admin import discard_failed  # noqa: PLC0415
+
+    return _failed_bulk(args, settings, discard_failed, "discarded", "discarding")
+
+
+def _failed_bulk(args: argparse.Namespace, settings: Settings, operation: Callable[..., int],
+                 done: str, doing: str) -> int:
+    from outbox.admin import count_failed  # noqa: PLC0415
+
+    where = _failed_filter(args)
+    with db.connect(db.resolve_database_url(settings), autocommit=True) as connection:
+        total = count_failed(connection, where, settings=settings)
+        if args.dry_run:
+            rows = total
+        else:
+            progress = console.Progress(f"{doing} failed rows", total)
+            try:
+                rows = operation(connection, where, settings=settings, progress=progress)
+            finally:
+                progress.finish()
+    verb = f"would be {done}" if args.dry_run else done
+    if args.json:
+        print(json.dumps({done: rows, "dry_run": args.dry_run}))
+    else:
+        print(f"{rows:,} failed row{'' if rows == 1 else 's'} {verb}")
+    return EXIT_OK
+
+
+def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox.retention import count_purgeable, purge  # noqa: PLC0415
+
+    if args.purge_batch_size < 1:
+        raise ConfigurationError("--batch-size must be at least 1")
+    with db.connect(db.resolve_database_url(settings), autocommit=True) as connection:
+        if args.dry_run:
+            report = count_purgeable(connection, settings)
+        else:
+            progress = console.Progress("purging")
+            try:
+                found = purge(connection, settings, batch_size=args.purge_batch_size,
+                              on_batch=lambda so_far: progress(so_far.total))
+            finally:
+                progress.finish()
+            if found is None:
+                print("outbox: another process is purging right now (the retention lock is "
+                      "taken); nothing done", file=sys.stderr)
+                return EXIT_FAILURE
+            report = found
+    verb = "would purge" if args.dry_run else "purged"
+    if args.json:
+        print(json.dumps({"sent": report.sent, "expired": report.expired,
+                          "failed": report.failed, "dry_run": report.dry_run}))
+    else:
+        print(f"{verb} {report.sent:,} sent and {report.expired:,} expired rows older than "
+              f"{console.age(settings.sent_retention)}, {report.failed:,} failed rows older "
+              f"than {console.age(settings.failed_retention)}")
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox import health  # noqa: PLC0415
+
+    results = health.probe(settings, db.resolve_database_url(settings))
+    failures = [result for result in results if not result.ok]
+    code = failures[0].exit_code if failures else EXIT_OK
+    if args.json:
+        print(json.dumps({"ok": not failures, "exit_code": code, "checks": [
+            {"name": r.name, "ok": r.ok, "detail": r.detail} for r in results]}))
+    else:
+        for result in results:
+            print(result.line())
+    return code
 
 
 def cmd_config(args: argparse.Namespace, settings: Settings) -> int:

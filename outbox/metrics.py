@@ -3,9 +3,13 @@ transport name), outcome. Never a receiver, a text or an id."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info
+from prometheus_client import Counter, Gauge, Histogram, Info, disable_created_metrics
 
 from outbox import __version__
+
+# The ``*_created`` series (a timestamp per counter child) double what every scrape carries
+# and nothing here reads them.
+disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated upstream
 
 MESSAGES = Counter(
     "outbox_messages",
@@ -31,6 +35,9 @@ OLDEST_PENDING_AGE = Gauge(
     "outbox_oldest_pending_age_seconds", "Age of the oldest pending row, by route.", ["route"]
 )
 BATCHES = Counter("outbox_batches", "Batches claimed by this process.")
+FAILED = Gauge("outbox_failed_messages",
+               "Failed rows kept for inspection (outbox failed list), all routes.")
+PURGED = Counter("outbox_purged_messages", "Rows deleted by retention, by state.", ["state"])
 BUILD_INFO = Info("outbox_build", "Version of the outbox relay.")
 BUILD_INFO.info({"version": __version__})
 
@@ -38,8 +45,10 @@ __all__ = [
     "BATCHES",
     "BUILD_INFO",
     "DELIVERY_LAG",
+    "FAILED",
     "MESSAGES",
     "OLDEST_PENDING_AGE",
     "PENDING",
     "PUBLISH_DURATION",
+    "PURGED",
 ]

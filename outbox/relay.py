@@ -31,7 +31,7 @@ from outbox.errors import (
     PublishError,
     TransientPublishError,
 )
-from outbox.logs import debug_enabled, get_logger
+from outbox.logs import debug_enabled, get_logger, redact
 from outbox.retry import Expire, Fail, Retry, RetryPolicy, decide
 from outbox.settings import Settings
 from outbox.store import (
@@ -217,16 +217,17 @@ class Relay:
             error = next((e for e in row_errors if not e.transient), row_errors[0])
             decision = decide(self.policy, error, attempts=row.attempts + 1, now=now,
                               expires_at=plan.expires_at[message_id], rng=self.rng)
+            reason = _redacted(decision.reason, plan, message_id)
             if isinstance(decision, Retry):
-                retries.append(Rescheduled(message_id, decision.at, decision.reason))
+                retries.append(Rescheduled(message_id, decision.at, reason))
                 outcomes[command, route, "retry_scheduled"] += 1
                 log.warning("message.retry_scheduled", id=message_id, command=command,
                             route=route, attempt=row.attempts + 1,
-                            retry_in=round(decision.at - now, 3), reason=decision.reason)
+                            retry_in=round(decision.at - now, 3), reason=reason)
             elif isinstance(decision, Fail):
-                failed.append(Outcome(message_id, decision.reason))
+                failed.append(Outcome(message_id, reason))
             elif isinstance(decision, Expire):
-                expired.append(Outcome(message_id, decision.reason))
+                expired.append(Outcome(message_id, reason))
         for outcome in failed:
             command = plan.commands.get(outcome.id, "unknown")
             outcomes[command, plan.routes.get(outcome.id, "none"), "failed"] += 1
@@ -360,6 +361,8 @@ class RelayService:
 
     def _connect(self, stop: threading.Event, transports: Mapping[str, Transport]) -> Relay | None:
         def before_sleep(state: RetryCallState) -> None:
+            # Waiting for the database is not being stuck: /livez stays green (/readyz not).
+            self.last_turn = time.monotonic()
             log.warning("relay.database_unavailable", attempt=state.attempt_number)
 
         def nap(seconds: float) -> None:
@@ -385,6 +388,14 @@ class RelayService:
         connection.commit()
         store = PostgresStore(connection, blank_texts=self.settings.blank_terminal_texts)
         return Relay(store, transports, self.settings, otp=self.otp)
+
+
+def _redacted(reason: str, plan: _Plan, message_id: int) -> str:
+    """A transport's reason without the row's receiver, texts or OTP code, should it quote
+    them: the reason is stored in ``last_error`` and logged. Failure paths only."""
+    sent = [envelope.body for envelopes in plan.by_transport.values()
+            for envelope in envelopes if envelope.id == message_id]
+    return redact(reason, plan.rows[message_id].data, *sent)
 
 
 def _close_quietly(store: Store) -> None:

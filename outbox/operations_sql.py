@@ -1,0 +1,247 @@
+"""Every SQL statement the operator tools run, each named for what it does.
+
+The relay's own statements live in :mod:`outbox.store`; these serve ``outbox status``, the
+failed-row commands (:mod:`outbox.admin`), retention (:mod:`outbox.retention`), the metrics
+sampler and the health checks. Each one reads through a partial index or the statistics, so
+none of them gets slower as sent rows pile up:
+
+==============================  ===================================================
+index                           read by
+==============================  ===================================================
+``message_pending_claim``       pending rows per route, oldest pending age
+``message_failed_created``      failed counts, listing, retry, discard, failed purge
+``message_terminal_created``    purge of sent and expired rows
+``message_sent_at``             the rate of the last minutes
+==============================  ===================================================
+
+Statements that work through many rows take at most ``%(limit)s`` rows per transaction and
+walk their index with a keyset (``created_at``, ``id``), so a run never holds more than one
+small batch of row locks and never revisits a row.
+"""
+
+# Statements are assembled from the constants below when the module loads; every value
+# travels as a query parameter.
+# ruff: noqa: S608
+
+from __future__ import annotations
+
+CHANNEL = "outbox_message"
+
+# --- status and metrics ------------------------------------------------------------------
+
+# Pending rows by their own route and command: the caller resolves a null route to the
+# command's configured one. Reads only pending rows (the claim index).
+PENDING_BY_ROUTE = """
+SELECT route, command,
+       count(*)::bigint,
+       count(*) FILTER (WHERE available_at <= now())::bigint,
+       count(*) FILTER (WHERE attempts > 0)::bigint,
+       extract(epoch FROM now() - min(created_at))::float8
+FROM outbox.message
+WHERE state = 'pending'
+GROUP BY route, command
+"""
+
+COUNT_FAILED = "SELECT count(*)::bigint FROM outbox.message WHERE state = 'failed'"
+
+# The planner's own estimate: rows per page at the last VACUUM/ANALYZE times the pages the
+# table has now, split by the state column's most-common-value frequencies. ``relpages``
+# sizes the table so that a small one can be counted exactly instead.
+ESTIMATE_STATES = """
+SELECT c.reltuples::float8,
+       c.relpages::bigint,
+       (pg_relation_size(c.oid) / current_setting('block_size')::bigint)::bigint,
+       s.most_common_vals::text::text[],
+       s.most_common_freqs::float8[]
+FROM pg_class AS c
+LEFT JOIN pg_stats AS s
+       ON s.schemaname = 'outbox' AND s.tablename = 'message' AND s.attname = 'state'
+WHERE c.oid = 'outbox.message'::regclass
+"""
+
+COUNT_TERMINAL_EXACTLY = """
+SELECT count(*) FILTER (WHERE state = 'sent')::bigint,
+       count(*) FILTER (WHERE state = 'expired')::bigint
+FROM outbox.message
+WHERE state IN ('sent', 'expired')
+"""
+
+# The newest sent rows within the window, at most %(cap)s of them: the cost is bounded
+# however fast the relay sends. When the cap is reached the rate is taken over the shorter
+# span those rows cover.
+RECENT_SENT = """
+SELECT count(*)::bigint, extract(epoch FROM now() - min(sent_at))::float8
+FROM (SELECT sent_at
+      FROM outbox.message
+      WHERE state = 'sent' AND sent_at > now() - make_interval(secs => %(window)s)
+      ORDER BY sent_at DESC
+      LIMIT %(cap)s) AS recent
+"""
+
+SERVER_NOW = "SELECT now()"
+
+# Size and dead rows from the statistics collector: is autovacuum keeping up?
+TABLE_HEALTH = """
+SELECT pg_total_relation_size(s.relid)::bigint,
+       s.n_live_tup::bigint,
+       s.n_dead_tup::bigint,
+       extract(epoch FROM now() - greatest(s.last_vacuum, s.last_autovacuum))::float8
+FROM pg_stat_user_tables AS s
+WHERE s.relid = 'outbox.message'::regclass
+"""
+
+# --- failed rows -------------------------------------------------------------------------
+
+# One filter for every failed-row statement. A null parameter switches its condition off.
+# ``route`` matches a row's effective route: its own, or for a row without one, the route
+# its command is configured to (``route_commands``: the commands that resolve to it).
+_FAILED_MATCH = """
+state = 'failed'
+AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
+AND (%(command)s::text IS NULL OR command = %(command)s::text)
+AND (%(route)s::text IS NULL
+     OR route = %(route)s::text
+     OR (route IS NULL AND command = ANY(%(route_commands)s::text[])))
+AND (%(older_than)s::float8 IS NULL
+     OR created_at < now() - make_interval(secs => %(older_than)s::float8))
+AND (%(newer_than)s::float8 IS NULL
+     OR created_at >= now() - make_interval(secs => %(newer_than)s::float8))
+"""
+
+COUNT_FAILED_MATCHING = f"SELECT count(*)::bigint FROM outbox.message WHERE {_FAILED_MATCH}"
+
+LIST_FAILED = f"""
+SELECT id, command, route, data ->> 'receiver', attempts, created_at, expires_at, last_error
+FROM outbox.message
+WHERE {_FAILED_MATCH}
+ORDER BY created_at DESC, id DESC
+LIMIT %(limit)s
+"""
+
+# The next batch after the keyset (after_created, after_id), locked; rows another session
+# holds are skipped rather than waited for.
+_PICK_FAILED_BATCH = f"""
+picked AS (
+    SELECT id, created_at
+    FROM outbox.message
+    WHERE {_FAILED_MATCH}
+      AND created_at >= %(after_created)s::timestamptz
+      AND (created_at > %(after_created)s::timestamptz OR id > %(after_id)s::bigint)
+    ORDER BY created_at, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+"""
+
+_BATCH_RESULT = """
+SELECT (SELECT count(*) FROM done)::bigint, last.created_at, last.id
+FROM (SELECT created_at, id FROM picked ORDER BY created_at DESC, id DESC LIMIT 1) AS last
+"""
+
+# Back to pending with a fresh start: attempts 0, due now. The id stays, so consumers that
+# saw an earlier attempt still recognise the repeat.
+RETRY_FAILED_BATCH = f"""
+WITH {_PICK_FAILED_BATCH},
+done AS (
+    UPDATE outbox.message AS m
+    SET state = 'pending', attempts = 0, available_at = now(), last_error = NULL
+    FROM picked
+    WHERE m.id = picked.id
+    RETURNING m.id
+)
+{_BATCH_RESULT}
+"""
+
+DISCARD_FAILED_BATCH = f"""
+WITH {_PICK_FAILED_BATCH},
+done AS (
+    DELETE FROM outbox.message AS m
+    USING picked
+    WHERE m.id = picked.id
+    RETURNING m.id
+)
+{_BATCH_RESULT}
+"""
+
+# Wakes the relays (their LISTEN) when the transaction commits, as an INSERT does.
+WAKE_RELAYS = "SELECT pg_notify(%s, '')"
+
+# --- retention ---------------------------------------------------------------------------
+
+# One relay at a time purges: the others find the lock taken and skip their turn. A session
+# lock on the purging connection, released at the end of the run or when it drops.
+TRY_RETENTION_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('outbox.retention', 0))"
+RELEASE_RETENTION_LOCK = "SELECT pg_advisory_unlock(hashtextextended('outbox.retention', 0))"
+
+# Rows older than %(cutoff)s in the given terminal states, oldest first, from the keyset on.
+# The keyset lets each batch start where the last one stopped instead of stepping again over
+# the index entries of rows just deleted (dead until VACUUM comes by).
+_PURGE_BATCH = """
+WITH picked AS (
+    SELECT id, created_at
+    FROM outbox.message
+    WHERE {states}
+      AND created_at < %(cutoff)s::timestamptz
+      AND created_at >= %(after_created)s::timestamptz
+    ORDER BY created_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+),
+done AS (
+    DELETE FROM outbox.message AS m
+    USING picked
+    WHERE m.id = picked.id
+    RETURNING m.state
+)
+SELECT (SELECT count(*) FILTER (WHERE state = 'sent') FROM done)::bigint,
+       (SELECT count(*) FILTER (WHERE state = 'expired') FROM done)::bigint,
+       (SELECT count(*) FILTER (WHERE state = 'failed') FROM done)::bigint,
+       (SELECT max(created_at) FROM picked)
+"""
+
+PURGE_TERMINAL_BATCH = _PURGE_BATCH.format(states="state IN ('sent', 'expired')")
+PURGE_FAILED_BATCH = _PURGE_BATCH.format(states="state = 'failed'")
+
+# What a purge would remove, for ``--dry-run``.
+COUNT_PURGEABLE = """
+SELECT count(*) FILTER (WHERE state = 'sent'
+                          AND created_at < now() - make_interval(secs => %(sent)s))::bigint,
+       count(*) FILTER (WHERE state = 'expired'
+                          AND created_at < now() - make_interval(secs => %(sent)s))::bigint,
+       count(*) FILTER (WHERE state = 'failed'
+                          AND created_at < now() - make_interval(secs => %(failed)s))::bigint
+FROM outbox.message
+WHERE (state IN ('sent', 'expired') AND created_at < now() - make_interval(secs => %(sent)s))
+   OR (state = 'failed' AND created_at < now() - make_interval(secs => %(failed)s))
+"""
+
+PURGE_CUTOFFS = """
+SELECT now() - make_interval(secs => %(sent)s), now() - make_interval(secs => %(failed)s)
+"""
+
+# --- health ------------------------------------------------------------------------------
+
+PING = "SELECT 1"
+
+__all__ = [
+    "CHANNEL",
+    "COUNT_FAILED",
+    "COUNT_FAILED_MATCHING",
+    "COUNT_PURGEABLE",
+    "COUNT_TERMINAL_EXACTLY",
+    "DISCARD_FAILED_BATCH",
+    "ESTIMATE_STATES",
+    "LIST_FAILED",
+    "PENDING_BY_ROUTE",
+    "PING",
+    "PURGE_CUTOFFS",
+    "PURGE_FAILED_BATCH",
+    "PURGE_TERMINAL_BATCH",
+    "RECENT_SENT",
+    "RELEASE_RETENTION_LOCK",
+    "RETRY_FAILED_BATCH",
+    "SERVER_NOW",
+    "TABLE_HEALTH",
+    "TRY_RETENTION_LOCK",
+    "WAKE_RELAYS",
+]
