@@ -1,0 +1,219 @@
+"""Property-based bad input (hypothesis): every case goes through a plain ``INSERT`` and through
+``outbox.enqueue()``, each in its own transaction.
+
+Each attempt ends one of three ways:
+
+* ``accepted``: a row (which the relay must then take to ``sent``, ``failed`` or ``expired``
+  with a reason);
+* ``refused: <rule>``: refused with a name: a ``check_violation`` carrying the constraint name,
+  or ``InvalidCommand.rule``; what Postgres (or psycopg) cannot take at all, before any rule of
+  ours runs (``\\u0000`` in jsonb, a lone surrogate, a NUL byte in a text column), is named by
+  its SQLSTATE or error class and counted apart;
+* anything else is ``refused_without_a_name``: the property is broken.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from psycopg.types.json import Jsonb
+
+from outbox.errors import InvalidCommand
+from outbox.producer import enqueue
+
+#: Postgres refusing the JSON itself, before any rule of ours runs
+JSON_INPUT_ERRORS = {"22P02": "invalid JSON input", "22P05": "JSON with \\u0000"}
+
+COMMANDS = ["send-sms", "send-email", "block-msisdn", "unblock-msisdn", "create-otp",
+            "send-mail", "request-otp", "send-message", "verify-otp", "validate-otp",
+            "SEND-SMS", " send-sms ", "Send-Email", "echo", "", "send_sms"]
+
+
+def _later(seconds: int) -> int:
+    return int(time.time()) + seconds
+
+
+any_text = st.one_of(
+    st.text(max_size=30),
+    st.text(alphabet=st.characters(codec=None), max_size=10),  # lone surrogates too
+    st.sampled_from(["", " ", "\t", "\x00", "a\x00b", "é", "😀", "%s", "%d", "%%", "%%s"]),
+)
+msisdn = st.from_regex(r"\+?[0-9]{3,15}", fullmatch=True)
+email = st.emails()
+printable = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=0x2FFF,
+                                           exclude_categories=("Cs",)), min_size=1,
+                    max_size=80).filter(lambda t: t.strip() != "")
+future = st.integers(min_value=120, max_value=7200).map(_later)
+
+#: values a field should never hold, whatever the command
+bad_value = st.one_of(
+    any_text, st.none(), st.booleans(), st.integers(min_value=-(10**14), max_value=10**14),
+    st.floats(allow_nan=True, allow_infinity=True), st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    st.from_regex(r"\+?[0-9]{1,2}|[0-9]{16,20}", fullmatch=True),  # MSISDN-like, wrong length
+    st.sampled_from(["a@b", "@b.c", "a b@c.d", "a@@b.c", "%s and %s", "%d", "no code here"]),
+    st.integers(min_value=0, max_value=7200).map(lambda s: _later(s) * 1000),  # milliseconds
+    st.integers(min_value=1, max_value=10**6).map(lambda s: _later(-s)),  # already past
+    st.integers(min_value=1, max_value=3).map(_later),  # about to expire
+    st.integers(min_value=0, max_value=7200).map(lambda s: str(_later(s))),  # seconds as text
+)
+
+VALID_NAMES = {
+    "send-sms": ["send-sms", "SEND-SMS", " send-sms ", "send-message"],
+    "send-email": ["send-email", "send-mail", "Send-Email", "send-message"],
+    "block-msisdn": ["block-msisdn"],
+    "unblock-msisdn": ["unblock-msisdn"],
+    "create-otp": ["create-otp", "request-otp"],
+}
+
+
+@st.composite
+def valid_case(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
+    command = draw(st.sampled_from(sorted(VALID_NAMES)))
+    name = draw(st.sampled_from(VALID_NAMES[command]))
+    if command == "send-email":
+        data: dict[str, Any] = {"receiver": draw(email), "subject": draw(printable),
+                                "message": draw(printable)}
+    elif command == "create-otp":
+        data = {"receiver": draw(st.one_of(msisdn, email)), "reference": draw(printable),
+                "message": draw(printable).replace("%", "%%") + " %s"}
+    else:
+        data = {"receiver": draw(msisdn)}
+        if command == "send-sms":
+            data["message"] = draw(printable)
+    if command != "block-msisdn" and command != "unblock-msisdn" and draw(st.booleans()):
+        data["expiration"] = draw(future)
+    return name, data
+
+
+@st.composite
+def mutated_case(draw: st.DrawFn) -> tuple[str, Any]:
+    """A valid command with one field dropped or replaced by a bad value."""
+    name, data = draw(valid_case())
+    key = draw(st.sampled_from(["receiver", "message", "subject", "reference", "expiration",
+                                "param1", "id"]))
+    if draw(st.booleans()) and key in data:
+        del data[key]
+    else:
+        data[key] = draw(bad_value)
+    return name, data
+
+
+random_data = st.one_of(
+    st.fixed_dictionaries({}, optional={key: bad_value for key in (
+        "receiver", "message", "subject", "reference", "expiration", "param1")}),
+    st.none(), st.integers(), any_text, st.lists(st.integers(), max_size=3))
+random_case = st.tuples(st.one_of(st.sampled_from(COMMANDS), any_text), random_data)
+case = st.one_of(valid_case(), mutated_case(), mutated_case(), random_case)
+
+
+@dataclass(frozen=True)
+class Case:
+    command: Any
+    data: Any
+    sql: str
+    helper: str
+
+
+def outcome_of_database_error(exc: psycopg.Error) -> str:
+    state = exc.sqlstate or "?"
+    constraint = exc.diag.constraint_name if exc.diag else None
+    if state == "23514" and constraint:
+        return f"refused: {constraint}"
+    if state in JSON_INPUT_ERRORS:
+        return f"refused by Postgres: {JSON_INPUT_ERRORS[state]} ({state})"
+    if exc.sqlstate is None and isinstance(exc, psycopg.DataError) and "NUL" in str(exc):
+        # psycopg will not even send a text value holding a NUL byte
+        return "refused by Postgres: NUL byte in a text value (psycopg DataError)"
+    return f"refused without a name: {type(exc).__name__} ({state})"
+
+
+def try_sql(conn: psycopg.Connection[Any], command: Any, data: Any) -> str:
+    try:
+        with conn.transaction():
+            conn.execute("INSERT INTO outbox.message (command, data) VALUES (%s, %s)",
+                         (command if isinstance(command, str) else str(command), Jsonb(data)))
+    except psycopg.Error as exc:
+        return outcome_of_database_error(exc)
+    except (ValueError, TypeError, UnicodeError) as exc:  # the client could not even send it
+        return f"refused without a name: client {type(exc).__name__}"
+    return "accepted"
+
+
+def try_helper(conn: psycopg.Connection[Any], command: Any, data: Any) -> str:
+    try:
+        with conn.transaction():
+            enqueue(conn, command, data)
+    except InvalidCommand as exc:
+        return f"refused: {exc.rule}"
+    except psycopg.Error as exc:
+        return outcome_of_database_error(exc)
+    except Exception as exc:
+        return f"refused without a name: {type(exc).__name__}"
+    return "accepted"
+
+
+def explore(url: str, examples: int) -> list[Case]:
+    cases: list[Case] = []
+    with psycopg.connect(url, autocommit=True) as conn:
+
+        @settings(max_examples=examples, database=None, deadline=None, derandomize=False,
+                  suppress_health_check=list(HealthCheck))
+        @given(case)
+        def check(drawn: tuple[Any, Any]) -> None:
+            command, data = drawn
+            cases.append(Case(command, data, try_sql(conn, command, data),
+                              try_helper(conn, command, data)))
+
+        check()
+    return cases
+
+
+def _bucket(outcome: str) -> str:
+    if outcome.startswith("refused without a name"):
+        return "refused_without_a_name"
+    if outcome.startswith("refused by Postgres"):
+        return "refused_by_postgres_json_input"
+    if outcome.startswith("refused:"):
+        return "refused_by_rule"
+    return "accepted"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def summarise(cases: list[Case]) -> dict[str, Any]:
+    counts = {"sql": Counter(_bucket(c.sql) for c in cases),
+              "helper": Counter(_bucket(c.helper) for c in cases)}
+    rules = Counter(o for c in cases for o in (c.sql, c.helper) if o.startswith("refused"))
+    unnamed = [{"path": path, "command": _short(c.command), "data": _short(c.data),
+                "outcome": outcome}
+               for c in cases for path, outcome in (("sql", c.sql), ("helper", c.helper))
+               if outcome.startswith("refused without a name")]
+    by_postgres = [{"path": path, "command": _short(c.command), "data": _short(c.data),
+                    "outcome": outcome}
+                   for c in cases for path, outcome in (("sql", c.sql), ("helper", c.helper))
+                   if outcome.startswith("refused by Postgres")]
+    disagreements = [{"command": _short(c.command), "data": _short(c.data), "sql": c.sql,
+                      "helper": c.helper}
+                     for c in cases if c.sql != c.helper]
+    # one path accepts what the other refuses: worse than two names for one refusal
+    opposite = [d for d in disagreements if "accepted" in (d["sql"], d["helper"])]
+    return {
+        "counts": {path: dict(counter) for path, counter in counts.items()},
+        "outcomes": dict(rules.most_common()),
+        "refused_without_a_name": sorted(unnamed, key=lambda e: len(e["data"]))[:10],
+        "refused_by_postgres_json_input": sorted(by_postgres, key=lambda e: len(e["data"]))[:5],
+        "disagreements": len(disagreements),
+        "accepted_by_one_path_only": len(opposite),
+        "accepted_by_one_path_only_examples": sorted(opposite, key=lambda e: len(e["data"]))[:10],
+        "disagreement_examples": sorted(disagreements, key=lambda e: len(e["data"]))[:10],
+    }
