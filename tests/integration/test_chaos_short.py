@@ -40,6 +40,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SETTLE = 90.0
 
 
+def sent_rows(conn: psycopg.Connection[Any]) -> int:
+    return int(conn.execute(
+        "SELECT count(*) FROM outbox.message WHERE state = 'sent'").fetchone()[0])
+
+
 def received_ids(device: Any) -> list[int]:
     return [int(message.message_id) for message in list(device.received)]
 
@@ -53,9 +58,12 @@ def test_sigkill_during_a_drain_loses_nothing(clean_db: str, conn: psycopg.Conne
         producer = Producer(clean_db, total=3000, rate=600)
         producer.start()
         for _ in range(kills):
-            # a random moment: a backlog builds up while the relay restarts, so some kills
-            # land in the middle of a batch
-            time.sleep(random.uniform(0.7, 1.5))
+            # a backlog builds up while the relay restarts; kill it while it drains that
+            # backlog (right after it has marked rows sent), so kills land mid-batch
+            time.sleep(random.uniform(0.2, 0.6))
+            before = sent_rows(conn)
+            wait_until(lambda: sent_rows(conn) > before, SETTLE)  # noqa: B023
+            time.sleep(random.uniform(0.0, 0.1))
             relay.kill()
             relay.start()
         producer.join(SETTLE)
