@@ -158,7 +158,9 @@ def validate(command: object, data: object, *, now: float | None = None) -> str:
     if name == CREATE_OTP:
         check_otp_template(data["message"])
         reference = data.get("reference")
-        if not isinstance(reference, str | int) or isinstance(reference, bool) or not str(reference).strip():
+        # a JSON string or number, as the database accepts
+        if (not isinstance(reference, str | int | float) or isinstance(reference, bool)
+                or not str(reference).strip()):
             raise InvalidCommand("message_otp_reference", "create-otp needs a non-empty data.reference")
     expiration = expiration_seconds(data.get("expiration"))
     if expiration is not None and now is not None and expiration <= now:

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from outbox import InvalidCommand, SendSms, db, enqueue
 from outbox.commands import CreateOtp
-from tests.unit.test_commands import BAD_INPUT, NOW
+from tests.unit.test_commands import BAD_INPUT, GOOD_INPUT, NOW
 
 pytestmark = pytest.mark.integration
 
@@ -50,6 +50,14 @@ def test_python_helper_refuses_bad_input_naming_the_rule(
         enqueue(conn, command, _shift(data))
     assert caught.value.rule == rule
     assert conn.execute("SELECT count(*) FROM outbox.message").fetchone() == (0,)
+
+
+@pytest.mark.parametrize(("command", "data", "canonical"), GOOD_INPUT)
+def test_good_input_is_stored_under_the_same_name_python_gives_it(
+        conn: psycopg.Connection[Any], command: str, data: Any, canonical: str) -> None:
+    conn.execute("INSERT INTO outbox.message (command, data) VALUES (%s, %s)",
+                 (command, Jsonb(_shift(data))))
+    assert conn.execute("SELECT command FROM outbox.message").fetchone() == (canonical,)
 
 
 def test_sql_enqueue_function_refuses_bad_input_too(conn: psycopg.Connection[Any]) -> None:
