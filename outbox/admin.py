@@ -94,6 +94,8 @@ class TableHealth:
     dead_rows: int
     #: since the last (auto)vacuum; None if it never ran
     vacuumed_seconds_ago: float | None
+    #: False: autovacuum is off for the table, and the purging relay vacuums instead
+    autovacuum: bool = True
 
 
 @dataclass(frozen=True)
@@ -196,8 +198,10 @@ def _table_health(connection: psycopg.Connection[Any]) -> TableHealth:
     if row is None:
         return TableHealth(0, 0, 0, None)
     size, live, dead, vacuumed = row
+    autovacuum = connection.execute(sql.AUTOVACUUM_STATE).fetchone()
     return TableHealth(int(size), int(live), int(dead),
-                       None if vacuumed is None else round(float(vacuumed), 1))
+                       None if vacuumed is None else round(float(vacuumed), 1),
+                       autovacuum=bool(autovacuum[0]) if autovacuum else True)
 
 
 def _scalar(connection: psycopg.Connection[Any], statement: str,

@@ -369,7 +369,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     vacuumed = "never" if table.vacuumed_seconds_ago is None else \
         f"{console.age(table.vacuumed_seconds_ago)} ago"
     print(f"table: {table.total_bytes / 2**20:,.0f} MB with indexes, {dead:.1%} dead rows, "
-          f"last vacuum {vacuumed}")
+          f"last vacuum {vacuumed}"
+          + ("" if table.autovacuum else " (autovacuum is off: the purging relay vacuums)"))
     return EXIT_OK
 
 

@@ -202,6 +202,23 @@ SELECT (SELECT count(*) FILTER (WHERE state = 'sent') FROM done)::bigint,
 PURGE_TERMINAL_BATCH = _PURGE_BATCH.format(states="state IN ('sent', 'expired')")
 PURGE_FAILED_BATCH = _PURGE_BATCH.format(states="state = 'failed'")
 
+# Whether autovacuum looks after the table (the server setting and the table's own), and how
+# many dead rows it carries: when nobody vacuums, the purger does (see outbox.retention).
+AUTOVACUUM_STATE = """
+SELECT current_setting('autovacuum')::boolean
+       AND coalesce((SELECT option_value FROM pg_options_to_table(c.reloptions)
+                     WHERE option_name = 'autovacuum_enabled'), 'true')::boolean,
+       s.n_live_tup::bigint,
+       s.n_dead_tup::bigint
+FROM pg_class AS c
+JOIN pg_stat_user_tables AS s ON s.relid = c.oid
+WHERE c.oid = 'outbox.message'::regclass
+"""
+
+# Not FULL: it takes no lock that blocks reads or writes, and makes the dead rows' space
+# reusable rather than returning it to the operating system.
+VACUUM_TABLE = "VACUUM (ANALYZE) outbox.message"
+
 # What a purge would remove, for ``--dry-run``.
 COUNT_PURGEABLE = """
 SELECT count(*) FILTER (WHERE state = 'sent'
@@ -224,6 +241,7 @@ SELECT now() - make_interval(secs => %(sent)s), now() - make_interval(secs => %(
 PING = "SELECT 1"
 
 __all__ = [
+    "AUTOVACUUM_STATE",
     "CHANNEL",
     "COUNT_FAILED",
     "COUNT_FAILED_MATCHING",
@@ -243,5 +261,6 @@ __all__ = [
     "SERVER_NOW",
     "TABLE_HEALTH",
     "TRY_RETENTION_LOCK",
+    "VACUUM_TABLE",
     "WAKE_RELAYS",
 ]

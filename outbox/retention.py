@@ -9,10 +9,16 @@ table's size levels off at about one retention period of traffic.
 One process purges at a time: :func:`purge` first takes a session-level advisory lock on its
 connection and returns ``None`` when another relay (or ``outbox purge``) holds it. Relays call
 it every ``purge_interval`` from their housekeeping thread; ``outbox purge`` calls it once.
+
+Deleted rows only become reusable space once VACUUM has been by. Autovacuum does that (the
+migrations tune it for this table); where it is switched off, for the server or the table,
+the purger runs ``VACUUM (ANALYZE) outbox.message`` itself, still under the lock, when dead
+rows pass the same 1 % autovacuum would wait for.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -28,6 +34,10 @@ from outbox.settings import Settings
 log = get_logger("outbox.retention")
 
 DEFAULT_BATCH_SIZE = 1000
+#: Without autovacuum, vacuum once dead rows pass this many plus ...
+VACUUM_THRESHOLD = 1000
+#: ... this share of the live rows (the autovacuum settings of migration 0003).
+VACUUM_SCALE_FACTOR = 0.01
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,8 @@ def purge(connection: psycopg.Connection[Any], settings: Settings, *,
                                        on_batch)
             if report.interrupted:
                 break
+        if not report.interrupted:
+            vacuum_if_nobody_does(connection)
     finally:
         _unlock(connection)
     if report.total:
@@ -120,6 +132,24 @@ def _purge_older_than(connection: psycopg.Connection[Any], statement: str, cutof
             return replace(report, interrupted=True)
 
 
+def vacuum_if_nobody_does(connection: psycopg.Connection[Any]) -> bool:
+    """VACUUM the table when autovacuum is off and dead rows pass its threshold; True if it
+    did. Only on an autocommit connection: VACUUM cannot run inside a transaction."""
+    if not connection.autocommit:
+        return False
+    row = connection.execute(sql.AUTOVACUUM_STATE).fetchone()
+    if row is None:
+        return False
+    autovacuum, live, dead = row
+    if autovacuum or dead <= VACUUM_THRESHOLD + VACUUM_SCALE_FACTOR * live:
+        return False
+    started = time.monotonic()
+    connection.execute(sql.VACUUM_TABLE)
+    log.info("retention.vacuumed", dead_rows=int(dead), live_rows=int(live),
+             seconds=round(time.monotonic() - started, 3), reason="autovacuum is off")
+    return True
+
+
 def _ages(settings: Settings) -> dict[str, float]:
     return {"sent": settings.sent_retention, "failed": settings.failed_retention}
 
@@ -140,4 +170,5 @@ def _unlock(connection: psycopg.Connection[Any]) -> None:
         pass  # the connection broke: the server dropped the session and its lock
 
 
-__all__ = ["DEFAULT_BATCH_SIZE", "OnBatch", "PurgeReport", "count_purgeable", "purge"]
+__all__ = ["DEFAULT_BATCH_SIZE", "OnBatch", "PurgeReport", "count_purgeable", "purge",
+           "vacuum_if_nobody_does"]

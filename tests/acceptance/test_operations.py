@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import os
 import pty
+import select
+import signal
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -282,6 +285,34 @@ def test_check_probes_the_database_and_every_transport(env: dict[str, str],
     behind = outbox("check", env=env_for(unmigrated_url, OUTBOX_TRANSPORT="stdout://"))
     assert behind.returncode == 1
     assert "run `outbox db upgrade`" in behind.stdout
+
+
+# --- logs ------------------------------------------------------------------------------------
+
+
+def test_the_relay_logs_readable_lines_on_a_terminal(clean_db: str) -> None:
+    env = env_for(clean_db, OUTBOX_TRANSPORT="memory://", OUTBOX_LOG_FORMAT="auto")
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([*OUTBOX, "run"], env=env, stdout=follower,
+                               stderr=subprocess.DEVNULL)
+    os.close(follower)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 30
+        while b"relay.started" not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 0.5)
+            if ready:
+                seen += os.read(leader, 65536)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(leader)
+    text = seen.decode(errors="replace")
+    assert "relay.started" in text
+    assert '"event"' not in text  # not JSON: the console renderer
 
 
 # --- configuration ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from psycopg.types.json import Jsonb
 from outbox.errors import PermanentPublishError
 from outbox.housekeeping import Housekeeper
 from outbox.relay import Relay
-from outbox.retention import PurgeReport, count_purgeable, purge
+from outbox.retention import PurgeReport, count_purgeable, purge, vacuum_if_nobody_does
 from outbox.settings import Settings
 from outbox.store import PostgresStore
 from outbox.testing import MemoryTransport
@@ -144,6 +144,34 @@ def test_the_relay_process_purges_every_purge_interval(conn: psycopg.Connection[
         stop.set()
         thread.join(5)
     assert not thread.is_alive()
+
+
+def test_the_purger_vacuums_when_autovacuum_is_off(conn: psycopg.Connection[Any],
+                                                   clean_db: str) -> None:
+    conn.execute("ALTER TABLE outbox.message SET (autovacuum_enabled = false)")
+    try:
+        insert(conn, 3000, "sent", 10)
+        conn.execute("DELETE FROM outbox.message")
+        conn.execute("SELECT pg_stat_force_next_flush()")  # statistics reach the view now
+        conn.execute("SELECT 1")
+
+        def dead_rows() -> int:
+            row = conn.execute("SELECT n_dead_tup FROM pg_stat_user_tables "
+                               "WHERE relid = 'outbox.message'::regclass").fetchone()
+            return int(row[0]) if row else 0
+
+        deadline = time.monotonic() + 10
+        while dead_rows() < 3000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with psycopg.connect(clean_db, autocommit=True) as purger:
+            assert vacuum_if_nobody_does(purger)
+            assert not vacuum_if_nobody_does(purger)  # nothing left for it to do
+        with psycopg.connect(clean_db) as in_a_transaction:
+            assert not vacuum_if_nobody_does(in_a_transaction)
+    finally:
+        conn.execute("ALTER TABLE outbox.message RESET (autovacuum_enabled)")
+    with psycopg.connect(clean_db, autocommit=True) as purger:
+        assert not vacuum_if_nobody_does(purger)  # autovacuum's job again
 
 
 def test_blank_terminal_texts_blanks_sent_and_expired_rows_but_keeps_failed(
