@@ -275,13 +275,18 @@ def restore_services() -> None:
         ensure_postgres()
 
 
-def amqp_declare(queue: str) -> None:
+def amqp_declare(queue: str, *, durable: bool = False) -> None:
     import pika  # noqa: PLC0415
+
+    from bench.subscriber import DURABLE_QUEUE  # noqa: PLC0415
 
     connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
     try:
         channel = connection.channel()
-        channel.queue_declare(queue, durable=False, exclusive=False, auto_delete=False)
+        if durable:
+            channel.queue_declare(queue, durable=True, arguments=DURABLE_QUEUE)
+        else:
+            channel.queue_declare(queue, durable=False, exclusive=False, auto_delete=False)
         channel.queue_purge(queue)
     finally:
         connection.close()
@@ -299,11 +304,12 @@ def amqp_delete(queue: str) -> None:
 
 
 @contextlib.contextmanager
-def amqp_subscriber(**kwargs: Any) -> Iterator[tuple[str, Subscriber]]:
-    """A fresh queue (the device's flags) with a real subscriber consuming it."""
+def amqp_subscriber(*, durable: bool = False, **kwargs: Any) -> Iterator[tuple[str, Subscriber]]:
+    """A fresh queue (the device's flags, or a quorum queue when ``durable``) with a real
+    subscriber consuming it."""
     queue = f"outbox-chaos-{uuid.uuid4().hex[:6]}"
-    amqp_declare(queue)
-    subscriber = Subscriber("amqp", AMQP_URL, queue, **kwargs)
+    amqp_declare(queue, durable=durable)
+    subscriber = Subscriber("amqp", AMQP_URL, queue, durable=durable, **kwargs)
     try:
         with subscriber:
             yield queue, subscriber
@@ -358,7 +364,8 @@ class Chaos:
                         progress(f"sigkill: {k + 1}/{kills} kills, "
                                  f"{producer.committed:,} rows committed")
                 producer.join()
-                wait_until_drained(self.url, total, timeout=300, label="sigkill: ")
+                wait_until_drained(self.url, total, timeout=300, label="sigkill: ",
+                                   alive=relay.alive)
                 wait_all_received(subscriber, self.url, 60)
             finally:
                 producer.stop()
@@ -383,7 +390,10 @@ class Chaos:
             return Verdict("rabbitmq-restart", None, "rabbitmqctl is not installed")
         reset(self.url)
         outage = self.sizes.outage
-        with amqp_subscriber() as (queue, subscriber):
+        # The device's queue is non-durable and consumed with auto-ack: stopping the broker
+        # loses whatever sat in it at that moment, whoever published it. The subscriber here
+        # uses a quorum queue and manual acks, so that what it misses is the relay's doing.
+        with amqp_subscriber(durable=True) as (queue, subscriber):
             relay = self.relay(amqp_transport(queue), "rabbitmq-restart").start()
             producer = SteadyProducer(self.url, 200.0)
             producer.start()
@@ -401,7 +411,8 @@ class Chaos:
                 time.sleep(5.0)
                 producer.stop()
                 drained = wait_until_drained(self.url, producer.committed, timeout=600,
-                                             label="rabbitmq-restart: ") + 5.0
+                                             label="rabbitmq-restart: ",
+                                             alive=relay.alive) + 5.0
                 wait_all_received(subscriber, self.url, 120)
                 everything = time.monotonic() - back
                 alive = relay.alive()
@@ -436,7 +447,8 @@ class Chaos:
                     time.sleep(5.0)
                     producer.stop()
                     drained = wait_until_drained(self.url, producer.committed, timeout=600,
-                                                 label="mqtt-restart: ") + 5.0
+                                                 label="mqtt-restart: ",
+                                                 alive=relay.alive) + 5.0
                     wait_all_received(subscriber, self.url, 120)
                     everything = time.monotonic() - back
                     alive = relay.alive()
@@ -495,7 +507,7 @@ class Chaos:
                 time.sleep(5.0)
                 producer.stop()
                 wait_until_drained(self.url, producer.committed, timeout=300,
-                                   label="postgres-restart: ")
+                                   label="postgres-restart: ", alive=relay.alive)
                 wait_all_received(subscriber, self.url, 60)
                 alive = relay.alive()
             finally:
@@ -527,8 +539,9 @@ class Chaos:
         with HttpDevice() as device:
             reset(self.url)
             seed(self.url, clean)
-            with self.relay(device.url, "poison-baseline"):
-                wait_until_drained(self.url, clean, timeout=600, label="poison baseline: ")
+            with self.relay(device.url, "poison-baseline") as relay:
+                wait_until_drained(self.url, clean, timeout=600, label="poison baseline: ",
+                                   alive=relay.alive)
             baseline = clean_rate(self.url)
         progress(f"poison: {rows:,} rows, one in ten refused by the device "
                  "(half with {}, half with HTTP 400)")
@@ -536,8 +549,9 @@ class Chaos:
             reset(self.url)
             with connect(self.url) as conn:
                 conn.execute(POISON_SEED, {"text": TEXT, "last": rows})
-            with self.relay(device.url, "poison"):
-                wait_until_drained(self.url, rows, timeout=600, label="poison: ")
+            with self.relay(device.url, "poison") as relay:
+                wait_until_drained(self.url, rows, timeout=600, label="poison: ",
+                                   alive=relay.alive)
             mixed = clean_rate(self.url)
         received = device.received()
         with connect(self.url) as conn:
@@ -591,7 +605,7 @@ class Chaos:
                     measured[name] = self._phase(name, seconds)
                 producer.stop()
                 wait_until_drained(self.url, producer.committed, timeout=600,
-                                   label="long-transaction: ")
+                                   label="long-transaction: ", alive=relay.alive)
                 wait_all_received(subscriber, self.url, 120)
             finally:
                 if holder is not None:

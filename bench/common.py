@@ -108,7 +108,11 @@ def connect(url: str, **kwargs: Any) -> psycopg.Connection[Any]:
 
 
 def reset(url: str) -> None:
-    """An empty outbox.message with fresh ids, vacuumed: every section starts alike."""
+    """An empty outbox.message with fresh ids, vacuumed: every section starts alike.
+
+    Migrates first: the tree may gain a migration while a long run is under way, and
+    ``outbox run`` refuses a database that is behind."""
+    db.upgrade(url)
     with connect(url) as conn:
         conn.execute("TRUNCATE outbox.message, outbox.otp RESTART IDENTITY")
         conn.execute("VACUUM ANALYZE outbox.message")
@@ -515,7 +519,7 @@ class Subscriber(ChildServer):
     ``stop()`` gives what it saw."""
 
     def __init__(self, kind: str, url: str, topic: str, *, settle: float = 1.0,
-                 client_id: str | None = None) -> None:
+                 client_id: str | None = None, durable: bool = False) -> None:
         handle, name = tempfile.mkstemp(prefix="outbox-bench-sub-")
         os.close(handle)
         self.out = Path(name)
@@ -524,6 +528,8 @@ class Subscriber(ChildServer):
                 "--settle", str(settle), "--status", str(self.status)]
         if client_id:
             args += ["--client-id", client_id]
+        if durable:
+            args.append("--durable")
         super().__init__("bench.subscriber", *args)
 
     def distinct(self) -> int:

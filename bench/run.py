@@ -324,12 +324,14 @@ class Bench:
         reset(self.url)
         rate = 1000.0
         seconds = self.sizes.latency_seconds
-        with subscriber, relays(self.url, transport_url, CONFIG, log=self.log(f"latency-{name}")):
+        with subscriber, relays(self.url, transport_url, CONFIG,
+                                log=self.log(f"latency-{name}")) as running:
             time.sleep(2.0)  # the relay is connected and idle, waiting for NOTIFY
             progress(f"latency {name}: {rate:,.0f} msg/s for {seconds:.0f}s, one per transaction")
             committed, took = produce_steadily(self.url, rate, seconds,
                                                label=f"latency {name}: ")
-            wait_until_drained(self.url, len(committed), timeout=120, label=f"latency {name}: ")
+            wait_until_drained(self.url, len(committed), timeout=120, label=f"latency {name}: ",
+                               alive=running[0].alive)
             time.sleep(1.0)
         ids, arrivals, _ = subscriber.received()
         arrived = dict(zip(ids, arrivals, strict=True))

@@ -88,7 +88,16 @@ def id_from_body(body: bytes) -> int | None:
 # --- brokers ------------------------------------------------------------------------------
 
 
-def run_amqp(url: str, topic: str, recorder: Recorder, stop: threading.Event) -> None:
+#: a queue that keeps every message on disk across a broker restart (the relay's transport does
+#: not declare queues, so it publishes into whichever queue the subscriber made)
+DURABLE_QUEUE = {"x-queue-type": "quorum"}
+
+
+def run_amqp(url: str, topic: str, recorder: Recorder, stop: threading.Event, *,
+             durable: bool = False) -> None:
+    """Consume ``topic``. Like the device by default: a non-durable queue, auto-ack. With
+    ``durable``: a quorum queue and manual acks, so a broker stop drops nothing it confirmed
+    and whatever is still missing afterwards was never published."""
     import pika  # noqa: PLC0415
     import pika.exceptions  # noqa: PLC0415
 
@@ -100,9 +109,15 @@ def run_amqp(url: str, topic: str, recorder: Recorder, stop: threading.Event) ->
     def on_message(channel: Any, method: Any, properties: Any, body: bytes) -> None:
         message_id = properties.message_id
         try:
-            recorder.add(int(message_id) if message_id is not None else id_from_body(body))
+            parsed = int(message_id) if message_id is not None else id_from_body(body)
         except ValueError:
-            recorder.add(id_from_body(body))
+            parsed = id_from_body(body)
+        # a redelivery of what we saw but could not ack before the broker went away is the
+        # broker repeating itself, not the relay
+        if not (method.redelivered and parsed in recorder.seen):
+            recorder.add(parsed)
+        if durable:
+            channel.basic_ack(method.delivery_tag)
 
     while not (stop.is_set() and _clock() - recorder.last > SETTLE):
         try:
@@ -112,9 +127,13 @@ def run_amqp(url: str, topic: str, recorder: Recorder, stop: threading.Event) ->
             continue
         try:
             channel = connection.channel()
-            # exactly the device's declaration (PROTOCOL.md section 4)
-            channel.queue_declare(topic, durable=False, exclusive=False, auto_delete=False)
-            channel.basic_consume(topic, on_message, auto_ack=True)
+            if durable:
+                channel.queue_declare(topic, durable=True, arguments=DURABLE_QUEUE)
+                channel.basic_qos(prefetch_count=1000)
+            else:
+                # exactly the device's declaration (PROTOCOL.md section 4)
+                channel.queue_declare(topic, durable=False, exclusive=False, auto_delete=False)
+            channel.basic_consume(topic, on_message, auto_ack=not durable)
             if not announced:
                 print("ready", flush=True)
                 announced = True
@@ -190,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--client-id", default="outbox-bench-subscriber")
     parser.add_argument("--settle", type=float, default=1.0)
+    parser.add_argument("--durable", action="store_true",
+                        help="amqp: a quorum queue with manual acks instead of the device's")
     parser.add_argument("--status", type=Path, help="write '<distinct> <total>' here twice a second")
     args = parser.parse_args(argv)
     SETTLE = args.settle
@@ -208,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         if args.kind == "amqp":
-            run_amqp(args.url, args.topic, recorder, stop)
+            run_amqp(args.url, args.topic, recorder, stop, durable=args.durable)
         elif args.kind == "mqtt":
             run_mqtt(args.url, args.topic, args.client_id, recorder, stop)
         else:
