@@ -25,6 +25,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, ClassVar
 
+import orjson
+
 from outbox.errors import InvalidCommand
 
 SEND_SMS = "send-sms"
@@ -306,12 +308,23 @@ def wire_payload(
     return {"command": wire_name(command, dialect), "data": body}
 
 
-#: one encoder for every message: ``json.dumps`` with options builds a new one per call
+#: the exact encoder: ``json.dumps`` with options would build a new one per call
 _ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
 
 
 def encode(payload: Mapping[str, Any]) -> bytes:
-    """Compact, ASCII-escaped JSON: the device decodes bodies with its default charset."""
+    """Compact, ASCII-escaped JSON: the device decodes bodies with its default charset.
+
+    orjson writes the same compact form ~15x faster but cannot escape non-ASCII text, so its
+    output is used only when it is pure ASCII (the usual SMS); anything else (an accented
+    name, an emoji, an integer beyond 64 bits) goes through the standard library encoder.
+    """
+    try:
+        body = orjson.dumps(payload)
+    except orjson.JSONEncodeError:
+        body = b"\x80"  # not ASCII: take the exact path below
+    if body.isascii():
+        return body
     return _ENCODER.encode(payload).encode("ascii")
 
 

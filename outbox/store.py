@@ -23,8 +23,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+import orjson
 import psycopg
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Jsonb, set_json_loads
 
 CHANNEL = "outbox_message"
 
@@ -302,6 +303,10 @@ class PostgresStore:
     def __init__(self, connection: psycopg.Connection[Any], *, blank_texts: bool = False) -> None:
         self.connection = connection
         self._blank_texts = blank_texts
+        # The claim decodes every row's jsonb: orjson does it ~6x faster than json.loads.
+        # Set on this connection only, never globally: the application's own psycopg use
+        # keeps its configuration.
+        set_json_loads(orjson.loads, connection)
 
     @contextmanager
     def transaction(self) -> Iterator[PostgresTransaction]:

@@ -5,6 +5,8 @@ import time
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from outbox.commands import (
     BlockMsisdn,
@@ -179,3 +181,23 @@ def test_encoding_is_compact_ascii_json() -> None:
 
 def test_time_now_is_sane() -> None:
     assert validate("send-sms", {**SMS, "expiration": time.time() + 5}, now=time.time())
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=6))
+def test_encoding_is_byte_for_byte_the_standard_compact_ascii_form(data: dict[str, object]) -> None:
+    payload = {"command": "send-sms", "data": data}
+    reference = json.dumps(payload, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+    assert encode(payload) == reference
+
+
+def test_non_ascii_text_and_huge_integers_take_the_exact_path() -> None:
+    assert encode({"m": "é"}) == b'{"m":"\\u00e9"}'
+    assert encode({"n": 2**80}) == b'{"n":1208925819614629174706176}'
