@@ -77,6 +77,7 @@ class BacklogSampler:
             metrics.PENDING.labels(label).set(rows)
             metrics.OLDEST_PENDING_AGE.labels(label).set(oldest[label])
         metrics.FAILED.set(int(row[0]) if row else 0)
+        self._labels |= pending.keys()  # a fan-out route seen once is reset to 0 later
 
 
 class Housekeeper:

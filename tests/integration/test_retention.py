@@ -14,7 +14,7 @@ from psycopg import errors
 from psycopg.types.json import Jsonb
 
 from outbox.errors import PermanentPublishError
-from outbox.housekeeping import Housekeeper
+from outbox.housekeeping import BacklogSampler, Housekeeper
 from outbox.relay import Relay
 from outbox.retention import PurgeReport, count_purgeable, purge, vacuum_if_nobody_does
 from outbox.settings import Settings
@@ -206,3 +206,20 @@ def test_edits_of_pending_rows_are_still_checked(conn: psycopg.Connection[Any]) 
     insert(conn, 1, "pending", 0)
     with pytest.raises(errors.CheckViolation):
         conn.execute("UPDATE outbox.message SET data = data - 'message'")
+
+
+def test_backlog_gauges_reset_routes_that_emptied(conn: psycopg.Connection[Any]) -> None:
+    settings = Settings(transports={"default": "memory://", "sms": "memory://"})
+    conn.execute("INSERT INTO outbox.message (command, data, route) VALUES "
+                 "('send-sms', '{\"receiver\": \"+6281234567\", \"message\": \"m\"}', "
+                 "'default+sms')")
+
+    def pending(route: str) -> float | None:
+        return REGISTRY.get_sample_value("outbox_pending_messages", {"route": route})
+
+    sampler = BacklogSampler(settings)
+    sampler.sample(conn)
+    assert (pending("default+sms"), pending("default"), pending("sms")) == (1, 0, 0)
+    conn.execute("DELETE FROM outbox.message")
+    sampler.sample(conn)
+    assert pending("default+sms") == 0
