@@ -42,8 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if overrides:
             settings = settings.with_overrides(**overrides)
         handler: Handler = args.handler
+        # Services log to stdout; one-shot commands keep stdout for their own output.
+        service = handler in (cmd_run, cmd_ws_relay)
         logs.configure(level="debug" if args.verbose > 1 else settings.log_level,
-                       fmt=settings.log_format)
+                       fmt=settings.log_format, stream=sys.stdout if service else sys.stderr)
         return handler(args, settings)
     except ConfigurationError as exc:
         return _fail(args, exc, EXIT_USAGE)
@@ -102,7 +104,8 @@ def _add_db(commands: Subparsers) -> None:
 
 def _add_enqueue(commands: Subparsers) -> None:
     enqueue = commands.add_parser("enqueue", help="put one command in the outbox")
-    enqueue.add_argument("command", help="send-sms, send-email, block-msisdn, unblock-msisdn, create-otp")
+    enqueue.add_argument(
+        "command", help="send-sms, send-email, block-msisdn, unblock-msisdn, create-otp")
     enqueue.add_argument("--receiver")
     enqueue.add_argument("--message")
     enqueue.add_argument("--subject")
