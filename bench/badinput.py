@@ -211,7 +211,10 @@ def summarise(cases: list[Case]) -> dict[str, Any]:
         "counts": {path: dict(counter) for path, counter in counts.items()},
         "outcomes": dict(rules.most_common()),
         "refused_without_a_name": sorted(unnamed, key=lambda e: len(e["data"]))[:10],
-        "refused_by_postgres_json_input": sorted(by_postgres, key=lambda e: len(e["data"]))[:5],
+        "refused_by_postgres_json_input": [
+            example for path in ("helper", "sql")
+            for example in sorted((e for e in by_postgres if e["path"] == path),
+                                  key=lambda e: len(e["data"]))[:3]],
         "disagreements": len(disagreements),
         "accepted_by_one_path_only": len(opposite),
         "accepted_by_one_path_only_examples": sorted(opposite, key=lambda e: len(e["data"]))[:10],
