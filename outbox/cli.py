@@ -483,11 +483,13 @@ def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
     verb = "would purge" if args.dry_run else "purged"
     if args.json:
         print(json.dumps({"sent": report.sent, "expired": report.expired,
-                          "failed": report.failed, "dry_run": report.dry_run}))
+                          "failed": report.failed, "otps": report.otps,
+                          "dry_run": report.dry_run}))
     else:
         print(f"{verb} {report.sent:,} sent and {report.expired:,} expired rows older than "
               f"{console.age(settings.sent_retention)}, {report.failed:,} failed rows older "
-              f"than {console.age(settings.failed_retention)}")
+              f"than {console.age(settings.failed_retention)}"
+              + ("" if args.dry_run else f", {report.otps:,} long-expired OTP records"))
     return EXIT_OK
 
 

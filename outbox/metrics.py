@@ -38,6 +38,7 @@ BATCHES = Counter("outbox_batches", "Batches claimed by this process.")
 FAILED = Gauge("outbox_failed_messages",
                "Failed rows kept for inspection (outbox failed list), all routes.")
 PURGED = Counter("outbox_purged_messages", "Rows deleted by retention, by state.", ["state"])
+PURGED_OTPS = Counter("outbox_purged_otps", "Managed OTP records deleted by retention.")
 BUILD_INFO = Info("outbox_build", "Version of the outbox relay.")
 BUILD_INFO.info({"version": __version__})
 
@@ -51,4 +52,5 @@ __all__ = [
     "PENDING",
     "PUBLISH_DURATION",
     "PURGED",
+    "PURGED_OTPS",
 ]

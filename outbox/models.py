@@ -67,6 +67,7 @@ otp = Table(
     Column("used_at", TIMESTAMP(timezone=True)),
     CheckConstraint("attempts >= 0", name="otp_attempts_nonnegative"),
     CheckConstraint("octet_length(digest) = 32", name="otp_digest_sha256"),
+    Index("otp_expires", "expires_at"),
     comment="Managed OTPs: a keyed hash of each code (never the code), its expiry, wrong "
     "attempts and use.",
 )

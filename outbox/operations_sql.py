@@ -200,6 +200,22 @@ SELECT (SELECT count(*) FILTER (WHERE state = 'sent') FROM done)::bigint,
 """
 
 PURGE_TERMINAL_BATCH = _PURGE_BATCH.format(states="state IN ('sent', 'expired')")
+
+# Managed OTPs that expired longer than the sent retention ago: no validation can succeed any
+# more (it answered 1203 "expired"; once purged it answers 1202 "unknown reference").
+PURGE_OTP_BATCH = """
+WITH picked AS (
+    SELECT reference
+    FROM outbox.otp
+    WHERE expires_at < %(cutoff)s::timestamptz
+    ORDER BY expires_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM outbox.otp AS o
+USING picked
+WHERE o.reference = picked.reference
+"""
 PURGE_FAILED_BATCH = _PURGE_BATCH.format(states="state = 'failed'")
 
 # Whether autovacuum looks after the table (the server setting and the table's own), and how
@@ -254,6 +270,7 @@ __all__ = [
     "PING",
     "PURGE_CUTOFFS",
     "PURGE_FAILED_BATCH",
+    "PURGE_OTP_BATCH",
     "PURGE_TERMINAL_BATCH",
     "RECENT_SENT",
     "RELEASE_RETENTION_LOCK",

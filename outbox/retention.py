@@ -45,6 +45,8 @@ class PurgeReport:
     sent: int = 0
     expired: int = 0
     failed: int = 0
+    #: managed OTP records (outbox.otp) expired longer than the sent retention ago
+    otps: int = 0
     #: counted, not deleted
     dry_run: bool = False
     #: stopped early (``on_batch`` returned False); the rest waits for the next run
@@ -56,7 +58,7 @@ class PurgeReport:
 
     def __add__(self, other: PurgeReport) -> PurgeReport:
         return replace(self, sent=self.sent + other.sent, expired=self.expired + other.expired,
-                       failed=self.failed + other.failed)
+                       failed=self.failed + other.failed, otps=self.otps + other.otps)
 
 
 #: Called after every batch with the running totals; returning False stops the purge there.
@@ -99,12 +101,14 @@ def purge(connection: psycopg.Connection[Any], settings: Settings, *,
             if report.interrupted:
                 break
         if not report.interrupted:
+            report = _purge_otps(connection, cutoffs[0], batch_size, report)
+        if not report.interrupted:
             vacuum_if_nobody_does(connection)
     finally:
         _unlock(connection)
     if report.total:
         log.info("retention.purged", sent=report.sent, expired=report.expired,
-                 failed=report.failed, interrupted=report.interrupted)
+                 failed=report.failed, otps=report.otps, interrupted=report.interrupted)
     return report
 
 
@@ -130,6 +134,19 @@ def _purge_older_than(connection: psycopg.Connection[Any], statement: str, cutof
         report = report + batch
         if on_batch is not None and on_batch(report) is False:
             return replace(report, interrupted=True)
+
+
+def _purge_otps(connection: psycopg.Connection[Any], cutoff: datetime, batch_size: int,
+                report: PurgeReport) -> PurgeReport:
+    while True:
+        with connection.transaction():
+            deleted = connection.execute(sql.PURGE_OTP_BATCH,
+                                         {"cutoff": cutoff, "limit": batch_size}).rowcount
+        if deleted > 0:
+            metrics.PURGED_OTPS.inc(deleted)
+            report = replace(report, otps=report.otps + deleted)
+        if deleted < batch_size:
+            return report
 
 
 def vacuum_if_nobody_does(connection: psycopg.Connection[Any]) -> bool:

@@ -215,7 +215,7 @@ def test_purge_removes_old_terminal_rows_and_never_pending_ones(
 
     done = outbox("purge", "--json", env=env)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"sent": 1500, "expired": 2, "failed": 3,
+    assert json.loads(done.stdout) == {"sent": 1500, "expired": 2, "failed": 3, "otps": 0,
                                        "dry_run": False}
     assert rows_by_state(conn) == {"failed": 4, "sent": 5, "pending": 6}
     assert "purging" not in done.stderr

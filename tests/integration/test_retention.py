@@ -70,6 +70,20 @@ def test_purge_deletes_only_what_retention_allows(conn: psycopg.Connection[Any])
     assert purge(conn, SETTINGS) == PurgeReport()  # nothing left to do
 
 
+def test_purge_removes_managed_otps_expired_longer_than_the_retention(
+        conn: psycopg.Connection[Any]) -> None:
+    conn.execute(
+        """INSERT INTO outbox.otp (reference, key_id, digest, message_id, expires_at)
+           SELECT 'ref-' || n, 'k0', decode(repeat('ab', 32), 'hex'), n,
+                  now() - make_interval(secs => %s * n - 43200)
+           FROM generate_series(1, 10) AS n""", (DAY,))
+    report = purge(conn, SETTINGS, batch_size=2)
+    assert report is not None
+    assert report.otps == 3  # expired 7.5, 8.5 and 9.5 days ago; a 7-day retention keeps the rest
+    left = {row[0] for row in conn.execute("SELECT reference FROM outbox.otp")}
+    assert left == {f"ref-{n}" for n in range(1, 8)}
+
+
 def test_purge_leaves_rows_another_session_holds(conn: psycopg.Connection[Any],
                                                  clean_db: str) -> None:
     old = sorted(insert(conn, 3, "sent", 10))
