@@ -488,7 +488,8 @@ def machine() -> dict[str, str]:
         import pika  # noqa: PLC0415
 
         connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-        info["rabbitmq"] = connection._impl.server_properties.get(b"version", b"?").decode()
+        version_ = connection._impl.server_properties.get("version", "?")
+        info["rabbitmq"] = version_.decode() if isinstance(version_, bytes) else str(version_)
         connection.close()
     except Exception:
         info["rabbitmq"] = "unreachable"

@@ -710,7 +710,13 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         "",
         "Notes:",
         "- Ceilings publish the same ~300-byte bytes with the same library and no database; "
-        "they are measured in the same run, just before the relay's drain.",
+        "they are measured in the same run, just before the relay's drain. RabbitMQ: pika "
+        "`SelectConnection`, 1,000 messages per turn of its I/O loop, then one synchronous "
+        "call (the fastest pika publishes; `BlockingConnection` flushes after every message). "
+        "MQTT: paho's loop driven by the publishing thread (`loop_start` shown for reference). "
+        "HTTP: one connection, where the relay's two workers hold one each.",
+        "- The relay rows use the tuned settings above; RabbitMQ also gets a row with the "
+        "defaults. Chaos verdicts (`make chaos`) are in `bench/results/chaos.json`.",
         "- Throughput and long-drain runs have no subscriber: RabbitMQ's queue is purged every "
         "2 s, Redis PUBLISH replies 0 (accepted with `accept_no_subscriber=true`), the MQTT "
         "broker is a private Mosquitto with no subscriber. The latency section uses real "
