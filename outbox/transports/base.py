@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from tenacity import (
@@ -127,6 +128,87 @@ def quick_reconnects(deadline: float, timeout: float) -> Retrying:
     )
 
 
+class Session(Protocol):
+    """One live connection of a transport (with its channel, loop, ...)."""
+
+    @property
+    def healthy(self) -> bool: ...
+
+    def open(self, deadline: float) -> None: ...
+
+    def refresh(self) -> None:
+        """Handle what arrived while idle (a close from the peer, heartbeats), without waiting."""
+
+    def dispose(self) -> None: ...
+
+
+SessionT = TypeVar("SessionT", bound=Session)
+
+
+class SessionTransport(Generic[SessionT]):
+    """The lifecycle shared by transports that hold one connection: opened lazily on the first
+    publish or check, a few quick reconnects when it is gone, dropped when a batch left it
+    unhealthy, one caller at a time. Subclasses say how to make a session and publish on it."""
+
+    options: TransportOptions
+
+    def __init__(self) -> None:
+        self._session: SessionT | None = None
+        self._lock = threading.Lock()
+
+    def _new_session(self) -> SessionT:
+        raise NotImplementedError
+
+    def _publish_on(self, session: SessionT, batch: Sequence[Envelope], deadline: float,
+                    ) -> Failures:
+        raise NotImplementedError
+
+    def publish(self, batch: Sequence[Envelope]) -> Failures:
+        if not batch:
+            return {}
+        with self._lock:
+            deadline = time.monotonic() + self.options.timeout
+            session = self._ready(deadline)
+            try:
+                return self._publish_on(session, batch, deadline)
+            finally:
+                if not session.healthy:
+                    self._drop()
+
+    def check(self) -> None:
+        with self._lock:
+            self._ready(time.monotonic() + self.options.timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def _ready(self, deadline: float) -> SessionT:
+        """An open session, reconnecting (a few quick tries) when there is none."""
+        session = self._session
+        if session is not None:
+            session.refresh()
+            if session.healthy:
+                return session
+            self._drop()
+        for attempt in quick_reconnects(deadline, self.options.timeout):
+            with attempt:
+                session = self._new_session()
+                try:
+                    session.open(deadline)
+                except BaseException:
+                    session.dispose()
+                    raise
+        assert session is not None
+        self._session = session
+        return session
+
+    def _drop(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            session.dispose()
+
+
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"", "0", "false", "no", "off"})
 
@@ -144,6 +226,8 @@ __all__ = [
     "Envelope",
     "Failures",
     "OtpMode",
+    "Session",
+    "SessionTransport",
     "Transport",
     "TransportOptions",
     "quick_reconnects",

@@ -57,8 +57,8 @@ from outbox.transports.base import (
     OUR_QUERY_KEYS,
     Envelope,
     Failures,
+    SessionTransport,
     TransportOptions,
-    quick_reconnects,
 )
 
 DEFAULT_PORTS: Final = {"mqtt": 1883, "mqtts": 8883}
@@ -89,7 +89,7 @@ _WAIT_SLICE: Final = 0.05
 _CLOSE_GRACE: Final = 1.0
 
 
-class MqttTransport:
+class MqttTransport(SessionTransport["_Session"]):
     def __init__(self, name: str, url: str, options: TransportOptions) -> None:
         self.name = name
         self.options = options
@@ -142,56 +142,16 @@ class MqttTransport:
             max_inflight=max_inflight,
             where=where,
         )
-        self._session: _Session | None = None
-        self._lock = threading.Lock()
+        super().__init__()
 
-    # -- Transport ------------------------------------------------------------------------
+    # -- SessionTransport -----------------------------------------------------------------
 
-    def publish(self, batch: Sequence[Envelope]) -> Failures:
-        if not batch:
-            return {}
-        with self._lock:
-            deadline = time.monotonic() + self.options.timeout
-            session = self._ready(deadline)
-            try:
-                return session.publish(batch, self.topic, self.qos, deadline)
-            finally:
-                if not session.healthy:
-                    self._drop()
+    def _new_session(self) -> _Session:
+        return _Session(self._config, self.qos)
 
-    def check(self) -> None:
-        with self._lock:
-            self._ready(time.monotonic() + self.options.timeout)
-
-    def close(self) -> None:
-        with self._lock:
-            self._drop()
-
-    # -- connection management ----------------------------------------------------------
-
-    def _ready(self, deadline: float) -> _Session:
-        session = self._session
-        if session is not None:
-            if session.healthy:
-                return session
-            self._drop()
-        retrying = quick_reconnects(deadline, self.options.timeout)
-        for attempt in retrying:
-            with attempt:
-                session = _Session(self._config, self.qos)
-                try:
-                    session.open(deadline)
-                except BaseException:
-                    session.dispose()
-                    raise
-        assert session is not None
-        self._session = session
-        return session
-
-    def _drop(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            session.dispose()
+    def _publish_on(self, session: _Session, batch: Sequence[Envelope], deadline: float,
+                    ) -> Failures:
+        return session.publish(batch, self.topic, self.qos, deadline)
 
 
 class _Config:
@@ -247,6 +207,9 @@ class _Session:
     @property
     def healthy(self) -> bool:
         return self._lost is None and self._connack is not None
+
+    def refresh(self) -> None:
+        """Nothing to do: paho's network thread reads while we are idle."""
 
     def open(self, deadline: float) -> None:
         config = self._config

@@ -40,7 +40,6 @@ close, missed heartbeats) is replaced before anything is published on it.
 from __future__ import annotations
 
 import collections
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
@@ -62,8 +61,8 @@ from outbox.transports.base import (
     OUR_QUERY_KEYS,
     Envelope,
     Failures,
+    SessionTransport,
     TransportOptions,
-    quick_reconnects,
 )
 
 JSON: Final = "application/json"
@@ -82,7 +81,7 @@ _ACKED: Final = 1
 _NACKED: Final = 2
 
 
-class RabbitMqTransport:
+class RabbitMqTransport(SessionTransport["_Session"]):
     def __init__(self, name: str, url: str, options: TransportOptions) -> None:
         self.name = name
         self.options = options
@@ -121,58 +120,16 @@ class RabbitMqTransport:
         params.client_properties = properties
         self._params = params
         self._where = mask_url(urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")))
-        self._session: _Session | None = None
-        self._lock = threading.Lock()
+        super().__init__()
 
-    # -- Transport ------------------------------------------------------------------------
+    # -- SessionTransport -----------------------------------------------------------------
 
-    def publish(self, batch: Sequence[Envelope]) -> Failures:
-        if not batch:
-            return {}
-        with self._lock:
-            deadline = time.monotonic() + self.options.timeout
-            session = self._ready(deadline)
-            try:
-                return session.publish(batch, deadline)
-            finally:
-                if not session.healthy:
-                    self._drop()
+    def _new_session(self) -> _Session:
+        return _Session(self._params, self.topic, self.declare, self._where)
 
-    def check(self) -> None:
-        with self._lock:
-            self._ready(time.monotonic() + self.options.timeout)
-
-    def close(self) -> None:
-        with self._lock:
-            self._drop()
-
-    # -- connection management ----------------------------------------------------------
-
-    def _ready(self, deadline: float) -> _Session:
-        """An open session, reconnecting (a few quick tries) when there is none."""
-        session = self._session
-        if session is not None:
-            session.read_pending()
-            if session.healthy:
-                return session
-            self._drop()
-        retrying = quick_reconnects(deadline, self.options.timeout)
-        for attempt in retrying:
-            with attempt:
-                session = _Session(self._params, self.topic, self.declare, self._where)
-                try:
-                    session.open(deadline)
-                except BaseException:
-                    session.dispose()
-                    raise
-        assert session is not None
-        self._session = session
-        return session
-
-    def _drop(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            session.dispose()
+    def _publish_on(self, session: _Session, batch: Sequence[Envelope], deadline: float,
+                    ) -> Failures:
+        return session.publish(batch, deadline)
 
 
 class _Session:
@@ -318,7 +275,7 @@ class _Session:
                 ioloop.remove_timeout(timer)
         return True
 
-    def read_pending(self) -> None:
+    def refresh(self) -> None:
         """Handle what arrived while idle (heartbeats, a forced close, EOF) without waiting."""
         if self._connection is None or self._lost is not None:
             return
