@@ -195,15 +195,24 @@ class Bench:
               rows: int | None = None) -> dict[str, Any]:
         """Seed a backlog, drain it with ``outbox run``, return the rate from ``sent_at``."""
         count = rows or self.sizes.backlog
-        reset(self.url)
-        seed(self.url, count, label=f"{label}: ")
-        progress(f"{label}: draining {count:,} rows ({processes} x outbox run, "
-                 f"{config.describe()})")
-        with relays(self.url, transport_url, config, count=processes, log=self.log(label),
-                    stdout=stdout) as running:
-            took = wait_until_drained(
-                self.url, count, timeout=600, label=f"{label}: ",
-                alive=lambda: all(relay.alive() for relay in running))
+        for attempt in (1, 2):
+            reset(self.url)
+            seed(self.url, count, label=f"{label}: ")
+            progress(f"{label}: draining {count:,} rows ({processes} x outbox run, "
+                     f"{config.describe()})")
+            try:
+                with relays(self.url, transport_url, config, count=processes,
+                            log=self.log(label), stdout=stdout) as running:
+                    took = wait_until_drained(
+                        self.url, count, timeout=600, label=f"{label}: ",
+                        alive=lambda: all(relay.alive() for relay in running))
+                break
+            except RuntimeError:
+                # A relay that exits is a failure, but in a tree others are editing it may be
+                # a half-written module: one more try, then give up (see the section's log).
+                if attempt == 2:
+                    raise
+                progress(f"{label}: a relay exited (see {self.log(label).name}); once more")
         sent, rate = sent_rate(self.url)
         progress(f"{label}: {sent:,} sent at {rate:,.0f}/s (wall {took:.1f}s)")
         return {"rows": count, "sent": sent, "rate": rate, "wall_seconds": took,
