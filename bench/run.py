@@ -792,9 +792,12 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
                 results[section] = {"error": f"{type(exc).__name__}: {exc}"}
     results["seconds"] = time.monotonic() - started
-    write_json(RESULTS / "latest.json", results)
+    # latest.json is the full run BENCHMARKS.md was written from; smoke and partial runs
+    # keep their own file
+    name = "latest-quick.json" if args.quick else "latest-only.json" if only else "latest.json"
+    write_json(RESULTS / name, results)
     progress(f"bench: done in {results['seconds'] / 60:.1f} min; results in "
-             f"{(RESULTS / 'latest.json').relative_to(ROOT)}")
+             f"{(RESULTS / name).relative_to(ROOT)}")
     print("\n".join(table(results)))
     if not args.quick and not only and not args.no_report:
         write_report(results, ROOT / "BENCHMARKS.md")
