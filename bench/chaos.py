@@ -587,6 +587,7 @@ class Chaos:
         holder: psycopg.Connection[Any] | None = None
         with amqp_subscriber(settle=2.0) as (queue, subscriber):
             relay = self.relay(amqp_transport(queue), "long-transaction").start()
+            time.sleep(3.0)  # the relay is up: its start-up is not a phase's lag
             producer = SteadyProducer(self.url, 1000.0, per_tx=10)
             producer.start()
             try:
