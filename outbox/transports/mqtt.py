@@ -11,9 +11,9 @@ acknowledgement per message; QoS 0 counts a message as delivered once it is writ
 The whole batch is handed to paho, whose network thread (``loop_start``) writes it, then
 ``publish`` waits, bounded by ``timeout``, for every PUBACK (QoS 1) or PUBCOMP (QoS 2).
 paho's in-flight window is 50 (measured faster than 1,000: paho scans every outstanding
-message on each acknowledgement) and its queue is unbounded. At QoS 2 the window stays at 20 unless ``max_inflight`` says
-otherwise: Mosquitto completes the QoS 2 handshake for messages beyond its own window (20 by
-default) and then drops them.
+message on each acknowledgement) and its queue is unbounded. At QoS 2 the window stays at 20
+unless ``max_inflight`` says otherwise: Mosquitto completes the QoS 2 handshake for messages
+beyond its own window (20 by default) and then drops them.
 
 ==========================================  ==========================================
 what happens                                outcome for the envelope

@@ -77,7 +77,7 @@ def test_upgrade_insert_run_deliver_and_stop_on_sigterm(relay_env: dict[str, str
         assert relayed["command"] == "send-sms"
         assert relayed["data"]["receiver"] == "+6281234567890"
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=15) == 0
+        assert process.wait(timeout=60) == 0
         rest = process.stdout.read()
         assert '"relay.stopped"' in rest
     finally:
@@ -136,7 +136,7 @@ def test_two_relay_processes_publish_each_row_exactly_once(relay_env: dict[str, 
             time.sleep(0.2)
         for process in processes:
             process.send_signal(signal.SIGTERM)
-        assert [process.wait(timeout=15) for process in processes] == [0, 0]
+        assert [process.wait(timeout=60) for process in processes] == [0, 0]
     finally:
         for process in processes:
             if process.poll() is None:
@@ -243,7 +243,7 @@ def test_embedded_postgres_when_no_database_url(tmp_path: Path) -> None:
         assert relayed["command"] == "block-msisdn"
         assert relayed["data"]["id"] == int(enqueued.stdout)
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=15) == 0
+        assert process.wait(timeout=60) == 0
     finally:
         if process.poll() is None:
             process.kill()

@@ -68,7 +68,7 @@ def relay(env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
         read_until_event(process.stdout, "relay.started", timeout=30)
         yield process
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=15) == 0
+        assert process.wait(timeout=60) == 0
     finally:
         if process.poll() is None:
             process.kill()

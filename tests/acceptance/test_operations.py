@@ -304,7 +304,7 @@ def test_the_relay_logs_readable_lines_on_a_terminal(clean_db: str) -> None:
             if ready:
                 seen += os.read(leader, 65536)
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=15) == 0
+        assert process.wait(timeout=60) == 0
     finally:
         if process.poll() is None:
             process.kill()
