@@ -53,6 +53,7 @@ def enqueue(
         # not a Mapping: validate() refuses it, naming the rule
         name, payload = command, dict(data) if isinstance(data, Mapping) else data  # type: ignore[assignment]
     canonical = validate(name, payload, now=time.time())
+    _check_storable(payload)
     if dedup_key is not None and not dedup_key:
         raise InvalidCommand("message_dedup_key_empty", "dedup_key must be non-empty or None")
     if isinstance(target, psycopg.Connection):
@@ -74,6 +75,27 @@ def enqueue(
         f"cannot enqueue through {type(target).__name__}: pass a SQLAlchemy Session or "
         "Connection, or a psycopg Connection or Cursor"
     )
+
+
+def _check_storable(value: Any) -> None:
+    """Refuse, by name, text that Postgres' jsonb cannot hold (NUL, lone surrogates), instead
+    of letting the INSERT fail with a driver error that aborts the caller's transaction."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidCommand("message_data_storable", "data holds a NUL character, which "
+                                 "PostgreSQL's jsonb cannot store")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidCommand("message_data_storable", "data holds text that is not valid "
+                                 "Unicode (a lone surrogate)") from None
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_storable(key)
+            _check_storable(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_storable(item)
 
 
 __all__ = ["enqueue"]

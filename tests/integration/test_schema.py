@@ -136,6 +136,15 @@ def test_a_rolled_back_transaction_leaves_nothing_to_send(clean_db: str) -> None
     assert rows == [("block-msisdn",)]
 
 
+@pytest.mark.parametrize("text", ["a\x00b", "lone \ud800 surrogate"])
+def test_python_helper_names_text_postgres_cannot_store(conn: psycopg.Connection[Any],
+                                                        text: str) -> None:
+    with pytest.raises(InvalidCommand) as caught:
+        enqueue(conn, "send-sms", {"receiver": "0812345", "message": "m", "note": [text]})
+    assert caught.value.rule == "message_data_storable"
+    conn.execute("SELECT 1")  # the caller's session is still usable
+
+
 def test_enqueue_refuses_unknown_targets() -> None:
     with pytest.raises(TypeError, match="SQLAlchemy Session"):
         enqueue(object(), SendSms(receiver="0812345", message="m"))  # type: ignore[arg-type]
