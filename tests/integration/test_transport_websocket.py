@@ -4,24 +4,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
 from urllib.parse import quote
 
 import pytest
 
 from outbox.commands import (
-    BLOCK_MSISDN,
-    SEND_EMAIL,
     SEND_SMS,
-    UNBLOCK_MSISDN,
     Dialect,
-    encode,
-    wire_payload,
 )
 from outbox.errors import ConfigurationError, PermanentPublishError, TransientPublishError
 from outbox.transports.base import Envelope
 from outbox.transports.websocket import WebSocketTransport
 from outbox.wsrelay import RelayServer
+from tests.support.brokers import COMMANDS, envelope
 from tests.support.websocket import (
     RELAY_PASSWORD,
     RELAY_USER,
@@ -40,23 +35,6 @@ from tests.support.websocket import (
 )
 
 pytestmark = pytest.mark.integration
-
-NOW = 1_767_225_600.0
-COMMANDS: list[tuple[str, dict[str, Any]]] = [
-    (SEND_SMS, {"receiver": "+6281234567890", "message": "Kode Anda 481516, jangan dibagikan ✓"}),
-    (SEND_EMAIL, {"receiver": "budi@example.com", "subject": "Kode masuk",
-                  "message": "Kode Anda 234200 — berlaku 5 menit"}),
-    (BLOCK_MSISDN, {"receiver": "+6281200000001"}),
-    (UNBLOCK_MSISDN, {"receiver": "6281200000002"}),
-]
-
-
-def envelope(message_id: int, command: str, data: dict[str, Any], dialect: Dialect) -> Envelope:
-    expires_at = NOW + 300 if command in (SEND_SMS, SEND_EMAIL) else None
-    payload = wire_payload(command, data, message_id=message_id, dialect=dialect, now=NOW,
-                           expires_at=expires_at)
-    return Envelope(message_id, command, encode(payload))
-
 
 def sms(first: int, count: int, *, padding: int = 0) -> list[Envelope]:
     text = "x" * padding
