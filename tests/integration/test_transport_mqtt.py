@@ -21,6 +21,7 @@ from tests.support.brokers import (
     open_transport,
     sms,
     through,
+    transports_opened,
     unique_topic,
     wait_until,
     with_query,
@@ -39,16 +40,8 @@ def topic() -> str:
 @pytest.fixture
 def opened() -> Iterator[Opener]:
     """Opens transports for a test and closes them even when it fails."""
-    transports: list[MqttTransport] = []
-
-    def open_(url: str, name: str = "mqtt-test") -> MqttTransport:
-        transport = open_transport(MqttTransport, url, name)
-        transports.append(transport)
-        return transport
-
-    yield open_
-    for transport in transports:
-        transport.close()
+    with transports_opened(MqttTransport, "mqtt-test") as open_:
+        yield open_
 
 
 @pytest.mark.parametrize("dialect", [Dialect.OTP_PI, Dialect.README])

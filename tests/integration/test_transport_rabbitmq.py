@@ -23,6 +23,7 @@ from tests.support.brokers import (
     queue_exists,
     sms,
     through,
+    transports_opened,
     unique_topic,
     wait_until,
     with_query,
@@ -41,16 +42,8 @@ def topic() -> str:
 @pytest.fixture
 def opened() -> Iterator[Opener]:
     """Opens transports for a test and closes them even when it fails."""
-    transports: list[RabbitMqTransport] = []
-
-    def open_(url: str, name: str = "amqp-test") -> RabbitMqTransport:
-        transport = open_transport(RabbitMqTransport, url, name)
-        transports.append(transport)
-        return transport
-
-    yield open_
-    for transport in transports:
-        transport.close()
+    with transports_opened(RabbitMqTransport, "amqp-test") as open_:
+        yield open_
 
 
 @pytest.mark.parametrize("dialect", [Dialect.OTP_PI, Dialect.README])

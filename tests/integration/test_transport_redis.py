@@ -22,6 +22,7 @@ from tests.support.brokers import (
     redis_device,
     sms,
     through,
+    transports_opened,
     unique_topic,
     wait_until,
     with_query,
@@ -40,16 +41,8 @@ def topic() -> str:
 @pytest.fixture
 def opened() -> Iterator[Opener]:
     """Opens transports for a test and closes them even when it fails."""
-    transports: list[RedisTransport] = []
-
-    def open_(url: str, name: str = "redis-test") -> RedisTransport:
-        transport = open_transport(RedisTransport, url, name)
-        transports.append(transport)
-        return transport
-
-    yield open_
-    for transport in transports:
-        transport.close()
+    with transports_opened(RedisTransport, "redis-test") as open_:
+        yield open_
 
 
 @pytest.mark.parametrize("dialect", [Dialect.OTP_PI, Dialect.README])

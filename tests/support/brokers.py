@@ -69,6 +69,24 @@ def open_transport(factory: Callable[..., T], url: str, name: str = "test") -> T
     return factory(name, stripped, options)
 
 
+@contextlib.contextmanager
+def transports_opened(factory: Callable[..., T], default_name: str,
+                      ) -> Iterator[Callable[..., T]]:
+    """An opener for a test's transports that closes them all, even when the test fails."""
+    transports: list[T] = []
+
+    def open_(url: str, name: str = default_name) -> T:
+        transport = open_transport(factory, url, name)
+        transports.append(transport)
+        return transport
+
+    try:
+        yield open_
+    finally:
+        for transport in transports:
+            transport.close()
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = DELIVERY_WAIT,
                interval: float = 0.01) -> bool:
     deadline = time.monotonic() + timeout
