@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from types import FrameType
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from outbox import __version__, console, db, logs
 from outbox.errors import ConfigurationError, DatabaseUnavailable, OutboxError, PublishError
 from outbox.settings import Settings
+from outbox.signals import ForcedExit, stop_on_signals
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -204,32 +201,6 @@ def _add_otp(commands: Subparsers) -> None:
 # --- commands ------------------------------------------------------------------------------
 
 
-@contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
-    """SIGTERM/SIGINT set the returned event; a second SIGINT exits at once. Old handlers return."""
-    stop = threading.Event()
-    log = logs.get_logger("outbox.cli")
-
-    def handle(signum: int, frame: FrameType | None) -> None:
-        # Set first: a second signal may interrupt this handler while it logs.
-        already = stop.is_set()
-        stop.set()
-        if not already:
-            log.info("relay.stopping", signal=signal.Signals(signum).name)
-        elif signum == signal.SIGINT:
-            # Ctrl-C twice: stop now; the open batch is rolled back by the server.
-            log.warning("relay.forced_exit", signal=signal.Signals(signum).name)
-            raise SystemExit(EXIT_FAILURE)
-        # A repeated SIGTERM (a supervisor signalling the whole process group) changes nothing.
-
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield stop
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from outbox.housekeeping import Housekeeper  # noqa: PLC0415 - keeps `outbox --help` fast
     from outbox.relay import RelayService  # noqa: PLC0415
@@ -249,10 +220,13 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     server = _health_server(settings, url, service)
     housekeeper = Housekeeper(settings, url, sample_metrics=server is not None)
     try:
-        with stop_on_signals() as stop:
+        with stop_on_signals(exit_code_on_second_sigint=EXIT_FAILURE) as stop:
             chores = housekeeper.start(stop)
             service.run(stop)
             chores.join(5)
+    except ForcedExit:
+        logs.get_logger("outbox.cli").warning("relay.forced_exit", signal="SIGINT")
+        raise
     finally:
         if server is not None:
             server.stop()

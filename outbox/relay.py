@@ -282,12 +282,23 @@ class RelayService:
                  batch_size=self.settings.batch_size, transports=sorted(self.settings.transports))
         for thread in threads:
             thread.start()
+        announced = False
+
+        def announce() -> None:
+            # Logged here, not in the signal handler: see outbox.signals.
+            nonlocal announced
+            if stop.is_set() and not announced:
+                announced = True
+                log.info("relay.stopping", signal=getattr(stop, "signal_name", None))
+
         try:
             for thread in threads[1:]:
                 while thread.is_alive():
                     if stop.is_set():
+                        announce()
                         self._wake_all()  # workers idle in wait() see the stop at once
                     thread.join(0.05)
+            announce()
         finally:
             stop.set()
             self._wake_all()

@@ -34,13 +34,10 @@ import contextlib
 import hmac
 import http
 import json
-import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from types import FrameType
-from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from websockets.asyncio.server import ServerConnection, broadcast
@@ -52,6 +49,7 @@ from websockets.http11 import Request, Response
 
 from outbox.errors import ConfigurationError
 from outbox.logs import get_logger
+from outbox.signals import stop_on_signals
 from outbox.transports.websocket import LISTENERS_HEADER, PUBLISHER_ROLE, ROLE_HEADER
 
 log = get_logger("outbox.wsrelay")
@@ -359,26 +357,6 @@ def run_relay(host: str, port: int, users: Mapping[str, str] | None,
         server.stop()
 
 
-@contextlib.contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGTERM and SIGINT set ``stop``; the previous handlers come back afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signals are delivered to the main thread only
-        return
-
-    def handle(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous: dict[signal.Signals, Any] = {
-        sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)
-    }
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def main_ws_relay(host: str, port: int, user: str | None, password: str | None) -> int:
     """``outbox ws-relay``: serve until SIGTERM or SIGINT, then return 0.
 
@@ -390,8 +368,7 @@ def main_ws_relay(host: str, port: int, user: str | None, password: str | None) 
             "ws-relay needs both --user and --password (or OUTBOX_WS_RELAY_PASSWORD), or neither"
         )
     users = {user: password} if user is not None and password is not None else None
-    stop = threading.Event()
-    with _stop_on_signals(stop):
+    with stop_on_signals() as stop:
         try:
             run_relay(host, port, users, stop)
         except OSError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,10 +17,12 @@ from outbox import SendSms, enqueue
 from outbox.errors import PermanentPublishError, PublishError, TransientPublishError
 from outbox.relay import Relay, RelayService
 from outbox.settings import Settings
+from outbox.signals import StopRequest
 from outbox.store import PostgresStore
 from outbox.testing import MemoryTransport
 from outbox.transports.base import Envelope
 from tests.conftest import rows_by_state
+from tests.support.log_capture import rendered_logs
 
 pytestmark = pytest.mark.integration
 
@@ -235,3 +238,22 @@ def test_several_workers_publish_every_row_once(conn: psycopg.Connection[Any],
     with running(clean_db, transport, workers=3, batch_size=100):
         wait_for(lambda: len(transport.delivered) >= 2000, timeout=30)
     assert sorted(e.id for e in transport.delivered) == ids
+
+
+def test_the_service_logs_the_stop_request_with_the_signal_that_made_it(clean_db: str) -> None:
+    settings = Settings(transports={"default": "memory://"}, poll_interval=30.0)
+    service = RelayService(settings, clean_db,
+                           transports_factory=lambda s: {"default": MemoryTransport()})
+    stop = StopRequest()
+    with rendered_logs("info") as output:
+        thread = threading.Thread(target=service.run, args=(stop,))
+        thread.start()
+        wait_for(lambda: "relay.started" in output.getvalue())
+        stop.signal_name = "SIGTERM"  # as the handler in outbox.signals records it
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
+    events = [json.loads(line) for line in output.getvalue().splitlines()]
+    stopping = [event for event in events if event["event"] == "relay.stopping"]
+    assert [event["signal"] for event in stopping] == ["SIGTERM"]
+    assert events[-1]["event"] == "relay.stopped"
