@@ -137,6 +137,12 @@ def upgrade(url: str, revision: str = "head") -> None:
         alembic_command.upgrade(config, revision)
 
 
+def downgrade(url: str, revision: str) -> None:
+    """Step the schema back to ``revision`` (``"base"`` removes it, and every row with it)."""
+    with _alembic(url) as config:
+        alembic_command.downgrade(config, revision)
+
+
 def head_revision() -> str:
     script = ScriptDirectory.from_config(alembic_config("postgresql://localhost/unused"))
     head = script.get_current_head()
@@ -191,6 +197,7 @@ __all__ = [
     "check",
     "connect",
     "current_revision",
+    "downgrade",
     "embedded_url",
     "head_revision",
     "libpq_url",

@@ -40,8 +40,8 @@ message = Table(
     Column("created_at", TIMESTAMP(timezone=True), nullable=False, server_default=text("now()")),
     Column("sent_at", TIMESTAMP(timezone=True)),
     Column("last_error", Text),
-    CheckConstraint("state IN ('pending', 'sent', 'failed', 'expired')", name="message_state_valid"),
-    CheckConstraint("attempts >= 0", name="message_attempts_nonnegative"),
+    # message_state_valid and message_attempts_nonnegative are enforced by the triggers
+    # (migration 0006): a CHECK constraint is planned again for every INSERT statement.
     Index("message_dedup_key_unique", "dedup_key", unique=True,
           postgresql_where=text("dedup_key IS NOT NULL")),
     Index("message_pending_claim", "available_at", "id",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -31,9 +32,9 @@ def pytest_configure(config: pytest.Config) -> None:
     logs.configure(level="debug", fmt="json")
 
 
-@pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
-    """A migrated database of our own for the whole session."""
+@contextmanager
+def empty_database() -> Iterator[str]:
+    """A database of our own on the test server, dropped afterwards; not migrated."""
     name = f"outbox_test_{uuid.uuid4().hex[:10]}"
     try:
         admin = psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5)
@@ -41,13 +42,19 @@ def database_url() -> Iterator[str]:
         pytest.fail(f"the tests need Postgres at {ADMIN_URL}: {exc}")
     with admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-    url = _with_database(ADMIN_URL, name)
-    db.upgrade(url)
     try:
-        yield url
+        yield _with_database(ADMIN_URL, name)
     finally:
         with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A migrated database of our own for the whole session."""
+    with empty_database() as url:
+        db.upgrade(url)
+        yield url
 
 
 @pytest.fixture

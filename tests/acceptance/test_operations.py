@@ -10,7 +10,6 @@ import select
 import signal
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from tests.acceptance.test_cli import OUTBOX, env_for, outbox
-from tests.conftest import ADMIN_URL, _with_database, rows_by_state
+from tests.conftest import empty_database, rows_by_state
 
 pytestmark = pytest.mark.acceptance
 
@@ -251,14 +250,8 @@ def test_purge_waits_for_no_one(env: dict[str, str], conn: psycopg.Connection[An
 
 @pytest.fixture
 def unmigrated_url() -> Iterator[str]:
-    name = f"outbox_check_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield _with_database(ADMIN_URL, name)
-    finally:
-        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with empty_database() as url:
+        yield url
 
 
 def test_check_probes_the_database_and_every_transport(env: dict[str, str],

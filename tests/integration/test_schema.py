@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from outbox import InvalidCommand, SendSms, db, enqueue
 from outbox.commands import CreateOtp
+from tests.conftest import empty_database
 from tests.unit.test_commands import BAD_INPUT, GOOD_INPUT, NOW
 
 pytestmark = pytest.mark.integration
@@ -184,3 +185,47 @@ def test_plain_insert_needs_no_python(conn: psycopg.Connection[Any]) -> None:
     data = conn.execute("SELECT data FROM outbox.message").fetchone()
     assert data is not None
     assert json.loads(json.dumps(data[0]))["receiver"] == "+6281234567890"
+
+
+@pytest.mark.parametrize(("column", "value", "rule"), [
+    ("state", "bogus", "message_state_valid"),
+    ("attempts", -1, "message_attempts_nonnegative"),
+])
+def test_state_and_attempts_are_guarded_on_insert_and_on_update(
+        conn: psycopg.Connection[Any], column: str, value: Any, rule: str) -> None:
+    data = Jsonb({"receiver": "+6281234567890", "message": "m"})
+    with pytest.raises(pg_errors.CheckViolation) as refused:
+        conn.execute(f"INSERT INTO outbox.message (command, data, {column}) "
+                     "VALUES ('send-sms', %s, %s)", (data, value))
+    assert refused.value.diag.constraint_name == rule
+    row = conn.execute("INSERT INTO outbox.message (command, data) VALUES ('send-sms', %s) "
+                       "RETURNING id", (data,)).fetchone()
+    assert row is not None
+    for state in ("pending", "sent", "failed", "expired"):  # the relay's own updates pass
+        conn.execute("UPDATE outbox.message SET state = %s, attempts = attempts + 1 "
+                     "WHERE id = %s", (state, row[0]))
+    with pytest.raises(pg_errors.CheckViolation) as refused:
+        conn.execute(f"UPDATE outbox.message SET {column} = %s WHERE id = %s", (value, row[0]))
+    assert refused.value.diag.constraint_name == rule
+    assert conn.execute("SELECT state, attempts FROM outbox.message").fetchall() == [
+        ("expired", 4)]
+
+
+def test_every_migration_downgrades_and_upgrades_again() -> None:
+    with empty_database() as url:
+        db.upgrade(url)
+        db.downgrade(url, "base")
+        assert db.current_revision(url) is None
+        with psycopg.connect(url) as connection:
+            assert connection.execute(
+                "SELECT count(*) FROM pg_namespace WHERE nspname = 'outbox'").fetchone() == (0,)
+        db.upgrade(url, "0005")
+        with psycopg.connect(url, autocommit=True) as connection:
+            # 0005's table still refuses a bad state with its CHECK constraint
+            with pytest.raises(pg_errors.CheckViolation) as refused:
+                connection.execute("INSERT INTO outbox.message (command, data, state) VALUES "
+                                   "('send-sms', '{\"receiver\": \"+62812\", \"message\": \"m\"}',"
+                                   " 'bogus')")
+            assert refused.value.diag.constraint_name == "message_state_valid"
+        db.upgrade(url)
+        assert db.check(url) == []
