@@ -112,9 +112,35 @@ def test_a_connection_cut_between_batches_is_replaced(topic: str, opened: Opener
         transport = opened(with_query(through(link, MQTT_URL), topic=topic))
         assert transport.publish(sms(1, 10)) == {}
         link.cut()
-        time.sleep(0.2)  # paho's network thread notices the end of the stream
+        time.sleep(0.2)  # the end of the stream is there to read before the next batch
         assert transport.publish(sms(11, 10)) == {}
         assert wait_until(lambda: len(device.received) == 20)
+
+
+def test_a_connection_the_broker_closed_while_idle_is_replaced(topic: str,
+                                                              opened: Opener) -> None:
+    # keepalive=1: Mosquitto drops a client that stays silent for 1.5 s; between batches
+    # nobody reads the socket, so the next publish must notice and start afresh.
+    with mqtt_device(topic) as device:
+        transport = opened(with_query(MQTT_URL, topic=topic, keepalive="1"))
+        assert transport.publish(sms(1, 5)) == {}
+        time.sleep(2.5)
+        assert transport.publish(sms(6, 5)) == {}
+        assert wait_until(lambda: len(device.received) == 10)
+
+
+def test_a_check_while_idle_sends_the_keepalive(topic: str, opened: Opener) -> None:
+    with mqtt_device(topic) as device:
+        transport = opened(with_query(MQTT_URL, topic=topic, keepalive="1"))
+        transport.check()
+        session = transport._session  # the same connection throughout
+        for _ in range(6):  # 3 s of checks, each under the broker's 1.5 s limit
+            time.sleep(0.5)
+            transport.check()
+        assert transport._session is session
+        assert transport.publish(sms(1, 3)) == {}
+        assert transport._session is session
+        assert wait_until(lambda: len(device.received) == 3)
 
 
 def test_refused_credentials_are_permanent(tmp_path: Path, topic: str, opened: Opener) -> None:

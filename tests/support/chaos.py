@@ -97,6 +97,11 @@ def relay_process(database_url: str, transport_url: str, tmp_path: Path,
     relay.start()
     try:
         yield relay
+    except BaseException:
+        # pytest shows a failed test's output: the relay's own account of what happened
+        lines = relay.log.read_text(errors="replace").splitlines() if relay.log.exists() else []
+        print(f"--- last lines of the relay's log ({relay.log}):", *lines[-40:], sep="\n")
+        raise
     finally:
         relay.stop()
 
