@@ -3,7 +3,21 @@ transport name), outcome. Never a receiver, a text or an id."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info, disable_created_metrics
+import threading
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Sequence
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from outbox import __version__
 
@@ -23,10 +37,66 @@ PUBLISH_DURATION = Histogram(
     ["route"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
-DELIVERY_LAG = Histogram(
+class BatchHistogram:
+    """A histogram with one label that takes a whole batch of observations per call.
+
+    prometheus_client's ``Histogram.observe`` takes one value under a lock, 0.8 µs a value:
+    once per message, that was a tenth of the relay's own CPU. The exposition is the same
+    (``_bucket`` with ``le``, ``_count``, ``_sum``); ``labels(value)`` creates a series at
+    zero, as a Histogram's child does.
+    """
+
+    def __init__(self, name: str, documentation: str, label: str, buckets: Sequence[float],
+                 registry: CollectorRegistry = REGISTRY) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._label = label
+        self._bounds = tuple(float(bound) for bound in buckets)
+        self._lock = threading.Lock()
+        #: label value -> per-bucket counts (not cumulative; the last is +Inf) and the sum
+        self._series: dict[str, tuple[list[int], list[float]]] = {}
+        registry.register(self)
+
+    def labels(self, value: str) -> None:
+        with self._lock:
+            self._series.setdefault(value, ([0] * (len(self._bounds) + 1), [0.0]))
+
+    def observe_many(self, value: str, observations: Iterable[float]) -> None:
+        bounds = self._bounds
+        counts = [0] * (len(bounds) + 1)
+        total = 0.0
+        for observation in observations:
+            counts[bisect_left(bounds, observation)] += 1  # le: value <= bound
+            total += observation
+        with self._lock:
+            series = self._series.get(value)
+            if series is None:
+                series = self._series[value] = ([0] * len(counts), [0.0])
+            kept = series[0]
+            for index, count in enumerate(counts):
+                kept[index] += count
+            series[1][0] += total
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=[self._label])
+        with self._lock:
+            snapshot = [(value, list(counts), sums[0])
+                        for value, (counts, sums) in self._series.items()]
+        for value, counts, total in snapshot:
+            buckets: list[tuple[str, float]] = []
+            cumulative = 0
+            for bound, count in zip((*map(floatToGoString, self._bounds), "+Inf"), counts,
+                                    strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            family.add_metric([value], buckets, total)
+        yield family
+
+
+DELIVERY_LAG = BatchHistogram(
     "outbox_delivery_lag_seconds",
     "From the row's creation to the transport's confirmation.",
-    ["route"],
+    "route",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
              300, 1800, 3600),
 )
@@ -53,4 +123,5 @@ __all__ = [
     "PUBLISH_DURATION",
     "PURGED",
     "PURGED_OTPS",
+    "BatchHistogram",
 ]

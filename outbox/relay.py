@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import psycopg
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_random_exponential
@@ -64,13 +64,27 @@ class BatchReport:
     expired: int = 0
 
 
+class _Planned(NamedTuple):
+    row: ClaimedRow
+    command: str
+    #: the transport name(s) it goes to, joined with "+" (the metrics' route label)
+    route: str
+    expires_at: float | None
+
+
+class _Route(NamedTuple):
+    """Where rows of one (command, row route) go, worked out once per relay."""
+
+    names: tuple[str, ...]
+    label: str
+    #: the first name that is no configured transport, if any
+    missing: str | None
+
+
 @dataclass
 class _Plan:
     by_transport: dict[str, list[Envelope]] = field(default_factory=dict)
-    rows: dict[int, ClaimedRow] = field(default_factory=dict)
-    commands: dict[int, str] = field(default_factory=dict)
-    routes: dict[int, str] = field(default_factory=dict)
-    expires_at: dict[int, float | None] = field(default_factory=dict)
+    rows: dict[int, _Planned] = field(default_factory=dict)
     failed: list[Outcome] = field(default_factory=list)
     expired: list[Outcome] = field(default_factory=list)
 
@@ -95,15 +109,15 @@ class Relay:
         self.clock = clock
         self.rng = rng or random.Random()
         self.policy = RetryPolicy(settings.backoff_base, settings.backoff_max, settings.max_attempts)
-        self._lag_by_route: dict[str, Any] = {}
-        self._routes: dict[tuple[str, str | None], tuple[str, ...]] = {}
+        self._routes: dict[tuple[str, str | None], _Route] = {}
 
-    def _lag(self, route: str) -> Any:
-        """The delivery-lag histogram child for ``route`` (label lookup once, not per message)."""
-        child = self._lag_by_route.get(route)
-        if child is None:
-            child = self._lag_by_route[route] = metrics.DELIVERY_LAG.labels(route)
-        return child
+    def _route(self, command: str, row_route: str | None) -> _Route:
+        route = self._routes.get((command, row_route))
+        if route is None:
+            names = self.settings.route_for(command, row_route)
+            missing = next((name for name in names if name not in self.transports), None)
+            route = self._routes[command, row_route] = _Route(names, "+".join(names), missing)
+        return route
 
     def process_batch(self) -> BatchReport:
         with self.store.transaction() as tx:
@@ -132,26 +146,23 @@ class Relay:
             if expires_at is not None and expires_at <= now:
                 plan.expired.append(Outcome(row.id, "expired before it could be published", 0))
                 continue
-            names = self._routes.get((command, row.route))
-            if names is None:
-                names = self._routes[command, row.route] = self.settings.route_for(command, row.route)
-            missing = [name for name in names if name not in self.transports]
-            if missing:
+            route = self._route(command, row.route)
+            if route.missing is not None:
                 plan.failed.append(Outcome(
-                    row.id, f"route {missing[0]!r} names no configured transport", attempted=0))
+                    row.id, f"route {route.missing!r} names no configured transport", attempted=0))
                 continue
             try:
                 envelopes = [(name, self._envelope(tx, row, command, name, now, expires_at))
-                             for name in names]
+                             for name in route.names]
             except InvalidCommand as exc:
                 plan.failed.append(Outcome(row.id, exc.message, attempted=0))
                 continue
-            plan.rows[row.id] = row
-            plan.commands[row.id] = command
-            plan.routes[row.id] = "+".join(names)
-            plan.expires_at[row.id] = expires_at
+            plan.rows[row.id] = _Planned(row, command, route.label, expires_at)
             for name, envelope in envelopes:
-                plan.by_transport.setdefault(name, []).append(envelope)
+                by_transport = plan.by_transport.get(name)
+                if by_transport is None:
+                    by_transport = plan.by_transport[name] = []
+                by_transport.append(envelope)
         return plan
 
     def _envelope(self, tx: StoreTransaction, row: ClaimedRow, command: str, route: str,
@@ -203,20 +214,23 @@ class Relay:
         failed = list(plan.failed)
         expired = list(plan.expired)
         outcomes: Counter[tuple[str, str, str]] = Counter()
-        for message_id, row in plan.rows.items():
-            command, route = plan.commands[message_id], plan.routes[message_id]
+        #: (command, route) -> lags of the rows sent
+        delivered: dict[tuple[str, str], list[float]] = {}
+        for message_id, (row, command, route, expires_at) in plan.rows.items():
             row_errors = errors.get(message_id)
             if not row_errors:
                 sent.append(message_id)
-                outcomes[command, route, "sent"] += 1
-                self._lag(route).observe(max(0.0, now - row.created_at))
+                lags = delivered.get((command, route))
+                if lags is None:
+                    lags = delivered[command, route] = []
+                lags.append(now - row.created_at)
                 if log_sent:
                     log.debug("message.sent", id=message_id, command=command, route=route,
                               attempt=row.attempts + 1)
                 continue
             error = next((e for e in row_errors if not e.transient), row_errors[0])
             decision = decide(self.policy, error, attempts=row.attempts + 1, now=now,
-                              expires_at=plan.expires_at[message_id], rng=self.rng)
+                              expires_at=expires_at, rng=self.rng)
             reason = _redacted(decision.reason, plan, message_id)
             if isinstance(decision, Retry):
                 retries.append(Rescheduled(message_id, decision.at, reason))
@@ -228,13 +242,19 @@ class Relay:
                 failed.append(Outcome(message_id, reason))
             elif isinstance(decision, Expire):
                 expired.append(Outcome(message_id, reason))
+        for (command, route), lags in delivered.items():
+            outcomes[command, route, "sent"] += len(lags)
+            # a clock step backwards must not record a negative lag
+            metrics.DELIVERY_LAG.observe_many(route, (lag if lag > 0 else 0.0 for lag in lags))
         for outcome in failed:
-            command = plan.commands.get(outcome.id, "unknown")
-            outcomes[command, plan.routes.get(outcome.id, "none"), "failed"] += 1
+            planned = plan.rows.get(outcome.id)
+            command, route = (planned.command, planned.route) if planned else ("unknown", "none")
+            outcomes[command, route, "failed"] += 1
             log.error("message.failed", id=outcome.id, command=command, reason=outcome.reason)
         for outcome in expired:
-            command = plan.commands.get(outcome.id, "unknown")
-            outcomes[command, plan.routes.get(outcome.id, "none"), "expired"] += 1
+            planned = plan.rows.get(outcome.id)
+            command, route = (planned.command, planned.route) if planned else ("unknown", "none")
+            outcomes[command, route, "expired"] += 1
             log.warning("message.expired", id=outcome.id, reason=outcome.reason)
         tx.mark_sent(sent)
         tx.schedule_retry(retries)
@@ -406,7 +426,7 @@ def _redacted(reason: str, plan: _Plan, message_id: int) -> str:
     them: the reason is stored in ``last_error`` and logged. Failure paths only."""
     sent = [envelope.body for envelopes in plan.by_transport.values()
             for envelope in envelopes if envelope.id == message_id]
-    return redact(reason, plan.rows[message_id].data, *sent)
+    return redact(reason, plan.rows[message_id].row.data, *sent)
 
 
 def _close_quietly(store: Store) -> None:

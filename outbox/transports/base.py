@@ -7,7 +7,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Generic, Protocol, TypeVar, runtime_checkable
+from typing import Generic, NamedTuple, Protocol, TypeVar, runtime_checkable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from tenacity import (
@@ -30,9 +30,9 @@ class OtpMode(StrEnum):
     MANAGED = "managed"
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
-    """One message ready for the wire."""
+class Envelope(NamedTuple):
+    """One message ready for the wire. A NamedTuple: one is built per message, and it builds
+    in a third of a frozen dataclass's time."""
 
     #: the outbox row id; travels as AMQP message_id, HTTP Idempotency-Key, data.id
     id: int
