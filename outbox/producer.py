@@ -27,6 +27,10 @@ _SA_INSERT = text(
     "VALUES (:command, CAST(:data AS jsonb), :dedup_key, :route, coalesce(:available_at, now())) "
     "ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING RETURNING id"
 )
+_SA_INSERT_NO_DEDUP = text(
+    "INSERT INTO outbox.message (command, data, route, available_at) "
+    "VALUES (:command, CAST(:data AS jsonb), :route, coalesce(:available_at, now())) RETURNING id"
+)
 _SA_SELECT = text("SELECT id FROM outbox.message WHERE dedup_key = :dedup_key")
 
 
@@ -66,7 +70,8 @@ def enqueue(
     if isinstance(target, Session | SAConnection):
         params = {"command": canonical, "data": json.dumps(payload), "dedup_key": dedup_key,
                   "route": route, "available_at": available_at}
-        row = target.execute(_SA_INSERT, params).first()
+        row = target.execute(_SA_INSERT if dedup_key is not None else _SA_INSERT_NO_DEDUP,
+                             params).first()
         if row is None:
             row = target.execute(_SA_SELECT, {"dedup_key": dedup_key}).first()
         assert row is not None

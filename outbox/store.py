@@ -97,6 +97,14 @@ ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
 RETURNING id
 """
 
+# Without a dedup key there is nothing to conflict with: a plain INSERT spares the
+# speculative insertion ON CONFLICT sets up for every row.
+INSERT_MESSAGE_NO_DEDUP = """
+INSERT INTO outbox.message (command, data, route, available_at)
+VALUES (%s, %s, %s, coalesce(%s, now()))
+RETURNING id
+"""
+
 SELECT_ID_BY_DEDUP_KEY = "SELECT id FROM outbox.message WHERE dedup_key = %s"
 
 # --- managed OTPs (outbox.otp: one row per reference, only a keyed hash of the code) ----
@@ -334,7 +342,10 @@ def insert_message(
     available_at: Any,
 ) -> int:
     """INSERT one row through a DB-API cursor; with a used ``dedup_key``, the existing id."""
-    cursor.execute(INSERT_MESSAGE, (command, Jsonb(data), dedup_key, route, available_at))
+    if dedup_key is None:
+        cursor.execute(INSERT_MESSAGE_NO_DEDUP, (command, Jsonb(data), route, available_at))
+    else:
+        cursor.execute(INSERT_MESSAGE, (command, Jsonb(data), dedup_key, route, available_at))
     row = cursor.fetchone()
     if row is None:
         cursor.execute(SELECT_ID_BY_DEDUP_KEY, (dedup_key,))
