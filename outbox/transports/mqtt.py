@@ -180,12 +180,12 @@ class _Session:
     """One paho client whose network loop runs in the publishing thread; replaced whole after
     any failure.
 
-    No network thread: paho's ``loop()`` is called by whoever holds the transport (publish,
-    check, and ``refresh`` before each batch, which also sends the keepalive PINGREQ when it is
-    due). A thread of its own cost the relay more than half of its MQTT rate: each publish had
-    to wake it through a socket pair, each acknowledgement went back through a condition
-    variable, and the two threads passed the GIL to and fro (measured: 12.5k msg/s against
-    a ceiling of 30k with the loop in the publisher's thread).
+    No network thread: paho's loop is turned (``_loop``) by whoever holds the transport:
+    publish, check, and ``refresh`` before each batch, which also sends the keepalive PINGREQ
+    when it is due. A thread of its own cost the relay more than half of its MQTT rate: each
+    publish had to wake it through a socket pair, each acknowledgement went back through a
+    condition variable, and the two threads passed the GIL to and fro (measured through the
+    relay: 12.5k msg/s then, 18k now, against a ceiling of 29k).
     """
 
     def __init__(self, config: _Config, qos: int) -> None:
