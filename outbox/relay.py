@@ -159,10 +159,7 @@ class Relay:
                 continue
             plan.rows[row.id] = _Planned(row, command, route.label, expires_at)
             for name, envelope in envelopes:
-                by_transport = plan.by_transport.get(name)
-                if by_transport is None:
-                    by_transport = plan.by_transport[name] = []
-                by_transport.append(envelope)
+                plan.by_transport.setdefault(name, []).append(envelope)
         return plan
 
     def _envelope(self, tx: StoreTransaction, row: ClaimedRow, command: str, route: str,
@@ -220,10 +217,7 @@ class Relay:
             row_errors = errors.get(message_id)
             if not row_errors:
                 sent.append(message_id)
-                lags = delivered.get((command, route))
-                if lags is None:
-                    lags = delivered[command, route] = []
-                lags.append(now - row.created_at)
+                delivered.setdefault((command, route), []).append(now - row.created_at)
                 if log_sent:
                     log.debug("message.sent", id=message_id, command=command, route=route,
                               attempt=row.attempts + 1)
