@@ -25,18 +25,7 @@ from outbox import __version__
 # and nothing here reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated upstream
 
-MESSAGES = Counter(
-    "outbox_messages",
-    "Messages that reached an outcome, by command, route and outcome "
-    "(sent, retry_scheduled, failed, expired).",
-    ["command", "route", "outcome"],
-)
-PUBLISH_DURATION = Histogram(
-    "outbox_publish_duration_seconds",
-    "Time one transport took to publish and confirm one batch.",
-    ["route"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-)
+
 class BatchHistogram:
     """A histogram with one label that takes a whole batch of observations per call.
 
@@ -93,6 +82,18 @@ class BatchHistogram:
         yield family
 
 
+MESSAGES = Counter(
+    "outbox_messages",
+    "Messages that reached an outcome, by command, route and outcome "
+    "(sent, retry_scheduled, failed, expired).",
+    ["command", "route", "outcome"],
+)
+PUBLISH_DURATION = Histogram(
+    "outbox_publish_duration_seconds",
+    "Time one transport took to publish and confirm one batch.",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 DELIVERY_LAG = BatchHistogram(
     "outbox_delivery_lag_seconds",
     "From the row's creation to the transport's confirmation.",
