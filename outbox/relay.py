@@ -22,7 +22,7 @@ import psycopg
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_random_exponential
 
 from outbox import metrics
-from outbox.commands import CREATE_OTP, encode, validate, wire_payload
+from outbox.commands import COMMANDS, CREATE_OTP, encode, validate, wire_payload
 from outbox.db import connect
 from outbox.errors import (
     DatabaseUnavailable,
@@ -46,6 +46,9 @@ from outbox.store import (
 from outbox.transports import Envelope, OtpMode, Transport, open_transports
 
 log = get_logger("outbox.relay")
+
+#: rows made due per statement when a transport is back (all of them go, in such steps)
+RELEASE_BATCH = 10_000
 
 
 class OtpIssuer(Protocol):
@@ -87,6 +90,8 @@ class _Plan:
     rows: dict[int, _Planned] = field(default_factory=dict)
     failed: list[Outcome] = field(default_factory=list)
     expired: list[Outcome] = field(default_factory=list)
+    #: transports that delivered again after a batch they could not deliver at all
+    recovered: list[str] = field(default_factory=list)
 
 
 class Relay:
@@ -110,6 +115,8 @@ class Relay:
         self.rng = rng or random.Random()
         self.policy = RetryPolicy(settings.backoff_base, settings.backoff_max, settings.max_attempts)
         self._routes: dict[tuple[str, str | None], _Route] = {}
+        #: transports whose last batch failed as a whole (transiently): unreachable
+        self._down: set[str] = set()
 
     def _route(self, command: str, row_route: str | None) -> _Route:
         route = self._routes.get((command, row_route))
@@ -180,6 +187,21 @@ class Relay:
                                dialect=transport.options.dialect, now=now, expires_at=expires_at)
         return Envelope(row.id, wire_command, encode(payload), attempt=row.attempts + 1)
 
+    # -- a transport back from an outage ---------------------------------------------------
+
+    def _release_retries(self, tx: StoreTransaction, name: str) -> None:
+        """``name`` delivers again: the rows that wait out a retry backoff for it go now,
+        not minutes later when their timers say (backoff_max is ten minutes by default)."""
+        commands = [command for command in COMMANDS
+                    if name in self.settings.route_for(command, None)]
+        released = 0
+        while True:
+            count = tx.release_retries(name, commands, RELEASE_BATCH)
+            released += count
+            if count < RELEASE_BATCH:
+                break
+        log.info("transport.recovered", route=name, retries_released=released)
+
     # -- publishing ----------------------------------------------------------------------
 
     def _publish(self, plan: _Plan) -> dict[int, list[PublishError]]:
@@ -197,6 +219,11 @@ class Relay:
                     f"unexpected {type(exc).__name__} in transport {name!r}")
                 failures = {envelope.id: unexpected for envelope in envelopes}
             metrics.PUBLISH_DURATION.labels(name).observe(time.perf_counter() - started)
+            if len(failures) == len(envelopes) and all(e.transient for e in failures.values()):
+                self._down.add(name)
+            elif name in self._down and len(failures) < len(envelopes):
+                self._down.discard(name)
+                plan.recovered.append(name)
             for message_id, error in failures.items():
                 errors.setdefault(message_id, []).append(error)
         return errors
@@ -254,6 +281,8 @@ class Relay:
         tx.schedule_retry(retries)
         tx.mark_failed(failed)
         tx.mark_expired(expired)
+        for name in plan.recovered:
+            self._release_retries(tx, name)
         for (command, route, state), count in outcomes.items():
             metrics.MESSAGES.labels(command, route, state).inc(count)
         claimed = len(plan.rows) + len(plan.failed) + len(plan.expired)

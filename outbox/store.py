@@ -84,6 +84,23 @@ FROM unnest(%s::bigint[], %s::text[], %s::int[]) AS u(id, reason, attempted)
 WHERE m.id = u.id
 """
 
+# A transport that was unreachable works again: its rows waiting out their retry backoff (up
+# to backoff_max, ten minutes by default) are due now rather than when their timers say.
+# Only retries (attempts > 0): a row an application scheduled for later stays scheduled. A
+# row goes to the transport by its own route ("a", "a+b") or, without one, by its command.
+RELEASE_RETRIES = """
+UPDATE outbox.message AS m SET available_at = now()
+WHERE m.id IN (
+    SELECT id FROM outbox.message
+    WHERE state = 'pending' AND available_at > now() AND attempts > 0
+      AND CASE WHEN coalesce(btrim(route), '') = '' THEN command = ANY(%(commands)s)
+               ELSE %(name)s IN (SELECT btrim(part)
+                                 FROM unnest(string_to_array(route, '+')) AS part) END
+    ORDER BY available_at, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED)
+"""
+
 NEXT_DUE = """
 SELECT extract(epoch FROM min(available_at) - now())::float8
 FROM outbox.message
@@ -211,6 +228,9 @@ class StoreTransaction(Protocol):
     def schedule_retry(self, rows: Sequence[Rescheduled]) -> None: ...
     def mark_failed(self, rows: Sequence[Outcome]) -> None: ...
     def mark_expired(self, rows: Sequence[Outcome]) -> None: ...
+    def release_retries(self, transport: str, commands: Sequence[str], limit: int) -> int:
+        """Make up to ``limit`` rows waiting to retry on ``transport`` due now; return how many.
+        ``commands`` are those whose rows go to it when they name no route."""
 
 
 @runtime_checkable
@@ -270,6 +290,11 @@ class PostgresTransaction:
         if rows:
             self._cursor.execute(MARK_EXPIRED_BLANKING_TEXTS if self._blank_texts
                                  else MARK_EXPIRED, _outcome_columns(rows))
+
+    def release_retries(self, transport: str, commands: Sequence[str], limit: int) -> int:
+        self._cursor.execute(RELEASE_RETRIES,
+                             {"name": transport, "commands": list(commands), "limit": limit})
+        return self._cursor.rowcount
 
     def find_otp_key(self, reference: str, message_id: int) -> str | None:
         self._cursor.execute(FIND_OTP_KEY, (reference, message_id))

@@ -17,6 +17,7 @@ from typing import Any
 
 from outbox.commands import validate
 from outbox.errors import PublishError
+from outbox.settings import route_names
 from outbox.store import ClaimedRow, IssuedOtp, Outcome, Rescheduled, StoredOtp
 from outbox.transports.base import Envelope, Failures, TransportOptions
 
@@ -178,6 +179,21 @@ class _MemoryTransaction:
 
     def mark_expired(self, rows: Sequence[Outcome]) -> None:
         self._finish(rows, "expired")
+
+    def release_retries(self, transport: str, commands: Sequence[str], limit: int) -> int:
+        now = self.store.clock()
+
+        def goes_there(row: MemoryRow) -> bool:
+            route = (row.route or "").strip()
+            return transport in route_names(route) if route else row.command in commands
+
+        waiting = sorted((row for row in self.store.rows.values()
+                          if row.state == "pending" and row.available_at > now
+                          and row.attempts > 0 and goes_there(row)),
+                         key=lambda row: (row.available_at, row.id))[:limit]
+        for row in waiting:
+            row.available_at = now
+        return len(waiting)
 
     def _finish(self, rows: Sequence[Outcome], state: str) -> None:
         for item in rows:

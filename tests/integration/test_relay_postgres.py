@@ -257,3 +257,61 @@ def test_the_service_logs_the_stop_request_with_the_signal_that_made_it(clean_db
     stopping = [event for event in events if event["event"] == "relay.stopping"]
     assert [event["signal"] for event in stopping] == ["SIGTERM"]
     assert events[-1]["event"] == "relay.stopped"
+
+
+def test_release_retries_picks_the_rows_waiting_for_that_transport(
+        conn: psycopg.Connection[Any], clean_db: str) -> None:
+    def row(command: str, route: str | None, *, attempts: int, due_in: str,
+            receiver: str = "+6281234567") -> int:
+        data = {"receiver": receiver} if command != "send-sms" else {"receiver": receiver,
+                                                                      "message": "m"}
+        found = conn.execute(
+            "INSERT INTO outbox.message (command, data, route, attempts, available_at) "
+            "VALUES (%s, %s, %s, %s, now() + %s::interval) RETURNING id",
+            (command, Jsonb(data), route, attempts, due_in)).fetchone()
+        assert found is not None
+        return int(found[0])
+
+    by_command = row("send-sms", None, attempts=2, due_in="5 minutes")
+    empty_route = row("send-sms", " ", attempts=1, due_in="5 minutes")
+    fanned = row("block-msisdn", "other + broker", attempts=1, due_in="5 minutes")
+    named = row("block-msisdn", "broker", attempts=3, due_in="9 minutes")
+    other_command = row("block-msisdn", None, attempts=1, due_in="5 minutes")
+    other_route = row("send-sms", "other", attempts=1, due_in="5 minutes")
+    scheduled_by_the_app = row("send-sms", None, attempts=0, due_in="1 hour")
+    already_due = row("send-sms", None, attempts=1, due_in="-1 minute")
+    released = {by_command, empty_route, fanned, named}
+
+    store = PostgresStore(psycopg.connect(clean_db))
+    try:
+        with store.transaction() as tx:
+            assert tx.release_retries("broker", ["send-sms"], limit=3) == 3
+            assert tx.release_retries("broker", ["send-sms"], limit=3) == 1
+            assert tx.release_retries("broker", ["send-sms"], limit=3) == 0
+    finally:
+        store.close()
+    due = {int(r[0]) for r in conn.execute(
+        "SELECT id FROM outbox.message WHERE available_at <= now()")}
+    assert due == released | {already_due}
+    assert not due & {other_command, other_route, scheduled_by_the_app}
+
+
+def test_a_broker_back_from_an_outage_gets_its_retries_at_once(clean_db: str) -> None:
+    down = threading.Event()
+    down.set()
+    transport = MemoryTransport(fail=lambda e: TransientPublishError("connection refused")
+                                if down.is_set() else None)
+    with running(clean_db, transport, backoff_base=300.0, backoff_max=600.0,
+                 poll_interval=0.2) as service:
+        with psycopg.connect(clean_db) as app:
+            for n in range(20):
+                enqueue(app, SendSms(receiver="0812345", message=f"m{n}"))
+            app.commit()
+        wait_for(lambda: len(transport.attempts) >= 20)
+        down.clear()
+        with psycopg.connect(clean_db) as app:
+            enqueue(app, SendSms(receiver="0812345", message="the first after the outage"))
+            app.commit()
+        # without the release, the 20 would wait out their five-minute backoff
+        wait_for(lambda: len({e.id for e in transport.delivered}) == 21, timeout=15)
+        assert service.errors == []

@@ -261,3 +261,49 @@ def test_one_failing_row_does_not_change_the_fate_of_the_others(failure: Publish
     relay.process_batch()
     assert [store.rows[i].state for i in (1, 3, 4)] == ["sent"] * 3
     assert store.rows[2].state == ("pending" if failure.transient else "failed")
+
+
+def test_a_transport_back_from_an_outage_releases_the_rows_waiting_to_retry() -> None:
+    down = True
+    broker = MemoryTransport("broker", fail=lambda e: TransientPublishError("refused")
+                             if down else None)
+    other = MemoryTransport("other", fail=lambda e: TransientPublishError("still down"))
+    settings = Settings(transports={"default": "memory://", "broker": "memory://",
+                                    "other": "memory://"},
+                        routes={"send-sms": "broker", "block-msisdn": "other"},
+                        backoff_base=300.0, backoff_max=600.0)
+    relay, store, clock = make(settings, default=other, broker=broker, other=other)
+    waiting = [store.insert("send-sms", sms(n)) for n in range(3)]
+    fanned = store.insert("block-msisdn", {"receiver": "0812345"}, route="other + broker")
+    elsewhere = store.insert("block-msisdn", {"receiver": "0812346"})  # default: "other"
+    relay.process_batch()  # the broker is down: every row goes back with a long backoff
+    assert all(store.rows[i].available_at > clock.now + 60 for i in [*waiting, elsewhere])
+    later = store.insert("send-sms", sms(7), available_at=clock.now + 3600)  # the app's own
+
+    down = False
+    clock.now += 5
+    fresh = store.insert("send-sms", sms(8))
+    report = relay.process_batch()  # the broker delivers again
+    assert report.sent == 1 and broker.delivered[-1].id == fresh
+    for message_id in [*waiting, fanned]:  # due now, not in five minutes
+        assert store.rows[message_id].available_at == clock.now
+    assert store.rows[elsewhere].available_at > clock.now + 60  # its transport is still down
+    assert store.rows[later].available_at == clock.now + 3595  # never tried: stays scheduled
+
+    relay.process_batch()
+    assert {store.rows[i].state for i in waiting} == {"sent"}
+    assert set(waiting) <= {e.id for e in broker.delivered}
+
+
+def test_a_transport_that_only_refuses_some_rows_releases_nothing() -> None:
+    broker = MemoryTransport(fail=lambda e: TransientPublishError("busy")
+                             if e.id % 2 else None)
+    settings = Settings(backoff_base=300.0, backoff_max=600.0)
+    relay, store, clock = make(settings, default=broker)
+    ids = [store.insert("send-sms", sms(n)) for n in range(4)]
+    relay.process_batch()
+    retrying = [i for i in ids if store.rows[i].state == "pending"]
+    assert retrying
+    store.insert("send-sms", sms(9))
+    relay.process_batch()
+    assert all(store.rows[i].available_at > clock.now + 60 for i in retrying)
