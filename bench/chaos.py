@@ -799,7 +799,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         restore_services()
     elapsed = time.monotonic() - started
-    write_json(RESULTS / ("chaos-quick.json" if args.quick else "chaos.json"), {
+    # chaos.json is the full run the README quotes; smoke and partial runs keep their own file
+    name = "chaos-quick.json" if args.quick else "chaos-only.json" if args.only else "chaos.json"
+    write_json(RESULTS / name, {
         "seed": seed_value, "quick": args.quick, "seconds": elapsed,
         "verdicts": [{"scenario": v.scenario, "passed": v.passed, "summary": v.summary,
                       "details": v.details} for v in verdicts]})
