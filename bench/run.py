@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import os
 import statistics
@@ -809,11 +810,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run of a minute or two")
     parser.add_argument("--only", help=f"comma-separated sections: {', '.join(SECTIONS)}")
     parser.add_argument("--no-report", action="store_true", help="do not write BENCHMARKS.md")
+    parser.add_argument("--rows", type=int,
+                        help="rows per throughput and scaling drain (default 100,000; "
+                             "10,000 with --quick)")
     args = parser.parse_args(argv)
     only = parse_only(args.only)
     sizes = QUICK if args.quick else FULL
+    if args.rows:
+        sizes = dataclasses.replace(sizes, backlog=args.rows)
     command = "python -m bench.run" + (" --quick" if args.quick else "") + (
-        f" --only {args.only}" if args.only else "")
+        f" --only {args.only}" if args.only else "") + (f" --rows {args.rows}" if args.rows else "")
     started = time.monotonic()
     logs = RESULTS / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -846,7 +852,7 @@ def main(argv: list[str] | None = None) -> int:
     progress(f"bench: done in {results['seconds'] / 60:.1f} min; results in "
              f"{(RESULTS / name).relative_to(ROOT)}")
     print("\n".join(table(results)))
-    if not args.quick and not only and not args.no_report:
+    if not args.quick and not only and not args.rows and not args.no_report:
         write_report(results, ROOT / "BENCHMARKS.md")
         progress("bench: BENCHMARKS.md written")
     return 0
