@@ -847,7 +847,8 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds"] = time.monotonic() - started
     # latest.json is the full run BENCHMARKS.md was written from; smoke and partial runs
     # keep their own file
-    name = "latest-quick.json" if args.quick else "latest-only.json" if only else "latest.json"
+    name = ("latest-quick.json" if args.quick else
+            "latest-only.json" if only or args.rows else "latest.json")
     write_json(RESULTS / name, results)
     progress(f"bench: done in {results['seconds'] / 60:.1f} min; results in "
              f"{(RESULTS / name).relative_to(ROOT)}")
