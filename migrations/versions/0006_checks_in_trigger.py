@@ -8,8 +8,11 @@ same rules, under the same names and SQLSTATE (23514 check_violation), now run w
 is already being looked at: in ``outbox.check_message()`` for INSERTs (one more CASE in the
 rules expression) and, for the relay's and operators' UPDATEs, in a row trigger whose WHEN
 clause costs nothing unless the new values are wrong. ``pg_notify`` is called as a plain
-expression instead of through PERFORM, which ran a whole query for it (2 µs a row). Result:
-59 µs a row, about 1.15 times the bare table instead of 1.25 to 1.35.
+expression instead of through PERFORM, which ran a whole query for it (2 µs a row). And the
+usual row, the INSERT of a valid send-sms, is checked in one expression; everything else goes
+through ``outbox.check_message_fully()``, the full rules (PL/pgSQL prepares each expression
+again in every transaction: at one row per transaction that saved 14 µs). Result: 52 µs a row
+at 100 rows per transaction.
 
 Revision ID: 0006
 Revises: 0005
