@@ -29,10 +29,12 @@ from outbox.errors import (
     DatabaseUnavailable,
     DuplicateReference,
     InvalidCommand,
+    NotTried,
     OutboxError,
     PermanentPublishError,
     PublishError,
     TransientPublishError,
+    Unreachable,
 )
 from outbox.producer import enqueue
 from outbox.settings import Settings
@@ -46,6 +48,7 @@ __all__ = [
     "Dialect",
     "DuplicateReference",
     "InvalidCommand",
+    "NotTried",
     "OutboxError",
     "PermanentPublishError",
     "PublishError",
@@ -54,6 +57,7 @@ __all__ = [
     "Settings",
     "TransientPublishError",
     "UnblockMsisdn",
+    "Unreachable",
     "__version__",
     "enqueue",
 ]

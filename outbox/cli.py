@@ -213,6 +213,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     problems = db.check(url)
     if problems:
         raise ConfigurationError("; ".join(problems))
+    _apply_priorities(settings, url)
     # Open (and drop) every transport once so that a bad URL fails now, not in a worker.
     for transport in open_transports(settings).values():
         transport.close()
@@ -231,6 +232,16 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         if server is not None:
             server.stop()
     return EXIT_FAILURE if service.errors else EXIT_OK
+
+
+def _apply_priorities(settings: Settings, url: str) -> None:
+    """Rows inserted without a priority take the defaults of these settings."""
+    from outbox.store import apply_default_priorities  # noqa: PLC0415
+
+    with db.connect(url) as connection:
+        if apply_default_priorities(connection, dict(settings.priorities)):
+            logs.get_logger("outbox.cli").info("priorities.applied",
+                                               priorities=dict(settings.priorities))
 
 
 def _health_server(settings: Settings, url: str, service: Any) -> Any:

@@ -80,12 +80,24 @@ def stop_embedded(directory: str) -> bool:
     return True
 
 
-def connect(url: str, *, autocommit: bool = False, connect_timeout: int = 5) -> psycopg.Connection[Any]:
-    """A psycopg connection, with an unreachable database reported as ``DatabaseUnavailable``."""
+def connect(url: str, *, autocommit: bool = False, connect_timeout: int = 5,
+            application_name: str = "outbox",
+            keepalive_timeout: float | None = None) -> psycopg.Connection[Any]:
+    """A psycopg connection, with an unreachable database reported as ``DatabaseUnavailable``.
+
+    ``keepalive_timeout`` (seconds): notice within about that long that the server went
+    silent (a partition, a frozen host) instead of when TCP gives up, hours later: TCP
+    keepalives probe an idle connection and ``tcp_user_timeout`` bounds unacknowledged sends.
+    """
+    extra: dict[str, Any] = {}
+    if keepalive_timeout is not None:
+        idle = max(1, int(keepalive_timeout / 3))
+        extra = {"keepalives": 1, "keepalives_idle": idle, "keepalives_interval": idle,
+                 "keepalives_count": 2, "tcp_user_timeout": max(1000, int(keepalive_timeout * 1000))}
     try:
         return psycopg.connect(
             libpq_url(url), autocommit=autocommit, connect_timeout=connect_timeout,
-            application_name="outbox",
+            application_name=application_name, **extra,
         )
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailable(f"cannot connect to the database: {_first_line(exc)}") from exc

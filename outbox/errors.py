@@ -9,6 +9,8 @@
     │   └── DuplicateReference        create-otp for a reference that still has a live OTP
     └── PublishError                  a transport could not deliver a message
         ├── TransientPublishError     worth retrying later (connection lost, timeout, 5xx, 1101)
+        │   └── Unreachable           the peer did not answer (refused, timed out)
+        │       └── NotTried          never offered to the peer (it stopped answering first)
         └── PermanentPublishError     retrying cannot help (401, ``{}``, unroutable payload)
 
 Transports convert their library's exceptions into ``PublishError`` subclasses and
@@ -63,6 +65,16 @@ class TransientPublishError(PublishError):
     transient = True
 
 
+class Unreachable(TransientPublishError):
+    """The peer could not be reached or did not answer: the transport, not the message, is
+    the problem."""
+
+
+class NotTried(Unreachable):
+    """The message was never offered to the peer: an earlier one of its batch found the peer
+    unreachable. The relay hands such a row back with its place and attempts untouched."""
+
+
 class PermanentPublishError(PublishError):
     """Delivery can never succeed as the message or the configuration stands."""
 
@@ -74,8 +86,10 @@ __all__ = [
     "DatabaseUnavailable",
     "DuplicateReference",
     "InvalidCommand",
+    "NotTried",
     "OutboxError",
     "PermanentPublishError",
     "PublishError",
     "TransientPublishError",
+    "Unreachable",
 ]

@@ -44,9 +44,16 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 
 def liveness_window(settings: Settings) -> float:
-    """How long the loop may go without a turn: idle turns come every ``poll_interval``; a
-    busy turn may wait on a slow transport for ``publish_timeout``, twice to be safe."""
-    return 10 * settings.poll_interval + 2 * settings.publish_timeout
+    """How long a worker may go without a step: idle steps come every ``poll_interval``; a
+    busy one publishes a chunk of about a second's work, but one request may wait on a slow
+    transport for its whole timeout (a REST device's is a minute), twice to be safe."""
+    from outbox.transports import transport_options  # noqa: PLC0415 - imports settings
+
+    timeouts = [settings.publish_timeout]
+    for url in settings.transports.values():
+        with contextlib.suppress(ConfigurationError):
+            timeouts.append(transport_options(url, settings)[1].timeout)
+    return 10 * settings.poll_interval + 2 * max(timeouts)
 
 
 @dataclass(frozen=True)

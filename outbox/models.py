@@ -14,6 +14,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     Table,
     Text,
     text,
@@ -40,12 +41,22 @@ message = Table(
     Column("created_at", TIMESTAMP(timezone=True), nullable=False, server_default=text("now()")),
     Column("sent_at", TIMESTAMP(timezone=True)),
     Column("last_error", Text),
+    # 0 most urgent .. 9 least; filled from outbox.default_priority(command) by the trigger
+    Column("priority", SmallInteger, nullable=False),
+    Column("ordering_key", Text),
+    # the lease: which relay holds the row, and under which claim (migration 0007)
+    Column("claimed_by", Text),
+    Column("claim", BigInteger),
     # message_state_valid and message_attempts_nonnegative are enforced by the triggers
     # (migration 0006): a CHECK constraint is planned again for every INSERT statement.
     Index("message_dedup_key_unique", "dedup_key", unique=True,
           postgresql_where=text("dedup_key IS NOT NULL")),
-    Index("message_pending_claim", "available_at", "id",
-          postgresql_where=text("state = 'pending'")),
+    Index("message_claim", text("outbox.lane_key(route, command)"), "priority", "available_at",
+          "id", postgresql_where=text("state = 'pending'")),
+    Index("message_ordering", "ordering_key", "id",
+          postgresql_where=text("state = 'pending' AND ordering_key IS NOT NULL")),
+    Index("message_claimed", "claim",
+          postgresql_where=text("state = 'pending' AND claim IS NOT NULL")),
     Index("message_failed_created", "created_at", postgresql_where=text("state = 'failed'")),
     Index("message_terminal_created", "created_at",
           postgresql_where=text("state IN ('sent', 'expired')")),

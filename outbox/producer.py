@@ -20,16 +20,18 @@ from sqlalchemy.orm import Session
 
 from outbox.commands import Command, validate
 from outbox.errors import InvalidCommand
-from outbox.store import insert_message
+from outbox.store import LOWEST_PRIORITY, insert_message
 
 _SA_INSERT = text(
-    "INSERT INTO outbox.message (command, data, dedup_key, route, available_at) "
-    "VALUES (:command, CAST(:data AS jsonb), :dedup_key, :route, coalesce(:available_at, now())) "
+    "INSERT INTO outbox.message (command, data, dedup_key, route, available_at, priority, "
+    "ordering_key) VALUES (:command, CAST(:data AS jsonb), :dedup_key, :route, "
+    "coalesce(:available_at, now()), :priority, :ordering_key) "
     "ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING RETURNING id"
 )
 _SA_INSERT_NO_DEDUP = text(
-    "INSERT INTO outbox.message (command, data, route, available_at) "
-    "VALUES (:command, CAST(:data AS jsonb), :route, coalesce(:available_at, now())) RETURNING id"
+    "INSERT INTO outbox.message (command, data, route, available_at, priority, ordering_key) "
+    "VALUES (:command, CAST(:data AS jsonb), :route, coalesce(:available_at, now()), "
+    ":priority, :ordering_key) RETURNING id"
 )
 _SA_SELECT = text("SELECT id FROM outbox.message WHERE dedup_key = :dedup_key")
 
@@ -42,10 +44,15 @@ def enqueue(
     dedup_key: str | None = None,
     route: str | None = None,
     available_at: datetime | None = None,
+    priority: int | None = None,
+    ordering_key: str | None = None,
 ) -> int:
     """Insert one command; return its row id (the existing row's id for a used ``dedup_key``).
 
     ``command`` is a typed command (``SendSms(...)``) or a command name with its ``data``.
+    ``priority`` runs from 0 (most urgent) to 9; None takes the command's default.
+    ``ordering_key``: rows with the same key are published one after another in id order
+    (None: the receiver for block-msisdn and unblock-msisdn, no key for the others).
     Raises ``InvalidCommand`` naming the broken rule before touching the database, so the
     caller's transaction is not aborted by bad input.
     """
@@ -60,16 +67,20 @@ def enqueue(
     _check_storable(payload)
     if dedup_key is not None and not dedup_key:
         raise InvalidCommand("message_dedup_key_empty", "dedup_key must be non-empty or None")
+    check_priority(priority)
     if isinstance(target, psycopg.Connection):
         with target.cursor() as cursor:
             return insert_message(cursor, canonical, payload, dedup_key=dedup_key, route=route,
-                                  available_at=available_at)
+                                  available_at=available_at, priority=priority,
+                                  ordering_key=ordering_key)
     if isinstance(target, psycopg.Cursor):
         return insert_message(target, canonical, payload, dedup_key=dedup_key, route=route,
-                              available_at=available_at)
+                              available_at=available_at, priority=priority,
+                              ordering_key=ordering_key)
     if isinstance(target, Session | SAConnection):
         params = {"command": canonical, "data": json.dumps(payload), "dedup_key": dedup_key,
-                  "route": route, "available_at": available_at}
+                  "route": route, "available_at": available_at, "priority": priority,
+                  "ordering_key": ordering_key}
         row = target.execute(_SA_INSERT if dedup_key is not None else _SA_INSERT_NO_DEDUP,
                              params).first()
         if row is None:
@@ -80,6 +91,14 @@ def enqueue(
         f"cannot enqueue through {type(target).__name__}: pass a SQLAlchemy Session or "
         "Connection, or a psycopg Connection or Cursor"
     )
+
+
+def check_priority(priority: Any) -> None:
+    """The database's ``message_priority_range`` rule, checked before the INSERT."""
+    if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)
+                                 or not 0 <= priority <= LOWEST_PRIORITY):
+        raise InvalidCommand("message_priority_range",
+                             "priority must be a whole number from 0 (most urgent) to 9")
 
 
 def _check_storable(value: Any) -> None:
@@ -103,4 +122,4 @@ def _check_storable(value: Any) -> None:
             _check_storable(item)
 
 
-__all__ = ["enqueue"]
+__all__ = ["check_priority", "enqueue"]

@@ -1,23 +1,40 @@
 """The relay: claim committed rows, publish them, record what happened.
 
-One :class:`Relay` is one worker with its own database connection and its own transport
-connections. :class:`RelayService` runs several workers side by side plus one LISTEN
-connection that wakes them when an application commits new rows; polling stays as the
-fallback. Several processes, on one host or many, share the work through ``SKIP LOCKED``:
-Postgres is the only coordinator.
+Work is split into **lanes**, one per effective route (a transport, a fan-out ``a+b``, ...):
+each lane claims only its own rows and runs in its own worker threads, with their own
+database and transport connections, so a slow device never delays a broker's rows.
+
+One :class:`Relay` is one worker of one lane. A turn (:meth:`Relay.process_batch`) is:
+
+1. **claim** in a short transaction: stamp a lease on as many rows as the lane can publish
+   in half the claim timeout at its observed pace (:mod:`outbox.scheduling`), plan them
+   (validate, route, expire, draw managed OTPs) and record at once the rows that cannot go;
+2. **publish** outside any transaction, in chunks of about a second of work, checking
+   before each chunk that the lease still leaves time for it and that no stop was asked;
+3. **record** each chunk in its own short transaction, touching only rows that still hold
+   this claim; rows not tried go back to their place, attempts untouched.
+
+:class:`RelayService` runs the lanes, one LISTEN connection that wakes them, a heartbeat that
+extends the leases of claims being published (a relay that freezes or loses the database
+stops extending them, and its rows become due again for any relay within
+``OUTBOX_CLAIM_TIMEOUT``), and the discovery of lane keys it was not told about.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import random
+import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
+import orjson
 import psycopg
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_random_exponential
 
@@ -25,30 +42,46 @@ from outbox import metrics
 from outbox.commands import COMMANDS, CREATE_OTP, encode, validate, wire_payload
 from outbox.db import connect
 from outbox.errors import (
+    ConfigurationError,
     DatabaseUnavailable,
     InvalidCommand,
+    NotTried,
     OutboxError,
     PublishError,
     TransientPublishError,
+    Unreachable,
 )
 from outbox.logs import debug_enabled, get_logger, redact
 from outbox.retry import Expire, Fail, Retry, RetryPolicy, decide
-from outbox.settings import Settings
+from outbox.scheduling import (
+    Pace,
+    backoff_after_outage,
+    chunk_size,
+    claim_size,
+    lease_allows,
+    lease_margin,
+)
+from outbox.settings import Settings, route_names
 from outbox.store import (
     CHANNEL,
     ClaimedRow,
+    ClaimRequest,
     Outcome,
     PostgresStore,
     Rescheduled,
     Store,
     StoreTransaction,
 )
-from outbox.transports import Envelope, OtpMode, Transport, open_transports
+from outbox.transports import Envelope, OtpMode, Transport, open_transport
 
 log = get_logger("outbox.relay")
 
 #: rows made due per statement when a transport is back (all of them go, in such steps)
 RELEASE_BATCH = 10_000
+#: the label of the lane that fails rows whose route names no configured transport
+UNROUTABLE = "(unroutable)"
+#: seconds between two looks for lane keys the relay was not told about
+DISCOVERY_INTERVAL = 2.0
 
 
 class OtpIssuer(Protocol):
@@ -65,14 +98,139 @@ class BatchReport:
     retried: int = 0
     failed: int = 0
     expired: int = 0
+    #: claimed but not tried: handed back (a stop, a lease running out, a peer gone)
+    handed_back: int = 0
+    #: the claim took as many rows as it asked for: more may be waiting
+    full: bool = False
+
+    def add(self, other: BatchReport) -> None:
+        self.sent += other.sent
+        self.retried += other.retried
+        self.failed += other.failed
+        self.expired += other.expired
+        self.handed_back += other.handed_back
+
+
+# --- lanes --------------------------------------------------------------------------------
+
+
+@dataclass
+class Lane:
+    """The rows of one effective route: which lane keys they carry, where they go."""
+
+    label: str
+    #: transport names (empty for the unroutable lane)
+    names: tuple[str, ...]
+    keys: set[str] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def key_list(self) -> list[str]:
+        with self._lock:
+            return sorted(self.keys)
+
+    def add_key(self, key: str) -> bool:
+        with self._lock:
+            if key in self.keys:
+                return False
+            self.keys.add(key)
+            return True
+
+
+def resolve_key(settings: Settings, key: str) -> tuple[str, tuple[str, ...]]:
+    """The lane label and transport names of a lane key; (UNROUTABLE, ()) when its route
+    does not parse or names a transport that is not configured."""
+    try:
+        if key.startswith("@"):
+            command = key[1:]
+            if command not in COMMANDS:
+                return UNROUTABLE, ()
+            names = settings.route_for(command, None)
+        else:
+            names = route_names(key)
+    except ConfigurationError:
+        return UNROUTABLE, ()
+    if any(name not in settings.transports for name in names):
+        return UNROUTABLE, ()
+    return "+".join(names), names
+
+
+def configured_lanes(settings: Settings) -> dict[str, Lane]:
+    """The lanes a relay knows from its settings alone, with their lane keys: every command
+    without a route of its own, every transport named alone, every configured route."""
+    lanes: dict[str, Lane] = {}
+    keys = [f"@{command}" for command in COMMANDS]
+    keys += list(settings.transports)
+    keys += list(settings.routes.values())
+    for key in keys:
+        add_key(lanes, settings, key)
+    return lanes
+
+
+def add_key(lanes: dict[str, Lane], settings: Settings, key: str) -> Lane | None:
+    """File ``key`` under its lane (created if new); the lane when it was created."""
+    label, names = resolve_key(settings, key)
+    created = label not in lanes
+    lane = lanes.setdefault(label, Lane(label, names))
+    lane.add_key(key.strip() if not key.startswith("@") else key)
+    return lane if created else None
+
+
+# --- leases -------------------------------------------------------------------------------
+
+
+class LeaseBook:
+    """The claims this process is publishing, with the monotonic time each lease runs out.
+
+    Workers add a claim once it is committed and remove it when it is recorded; the heartbeat
+    extends every claim in the book and moves its deadline on only after the database took
+    the extension. A deadline is always earlier than the lease in the database: it counts
+    from a moment before the statement was sent."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._deadlines: dict[int, float] = {}
+        self._lock = threading.Lock()
+        self.clock = clock
+
+    def add(self, claim: int, deadline: float) -> None:
+        with self._lock:
+            self._deadlines[claim] = deadline
+
+    def remove(self, claim: int) -> None:
+        with self._lock:
+            self._deadlines.pop(claim, None)
+
+    def deadline(self, claim: int) -> float:
+        with self._lock:
+            return self._deadlines.get(claim, float("-inf"))
+
+    def claims(self) -> list[int]:
+        with self._lock:
+            return list(self._deadlines)
+
+    def renewed(self, claims: Iterable[int], deadline: float) -> None:
+        with self._lock:
+            for claim in claims:
+                if claim in self._deadlines:
+                    self._deadlines[claim] = max(self._deadlines[claim], deadline)
+
+
+# --- one worker ----------------------------------------------------------------------------
 
 
 class _Planned(NamedTuple):
     row: ClaimedRow
     command: str
-    #: the transport name(s) it goes to, joined with "+" (the metrics' route label)
+    #: the decoded data (the row's own; the wire data may differ: managed OTPs)
+    data: Any
+    #: the lane label (the metrics' route label)
     route: str
     expires_at: float | None
+    #: per transport name: (wire command, wire data)
+    wires: tuple[tuple[str, str, Mapping[str, Any]], ...]
+
+
+class _Expired(Outcome):
+    """An outcome of planning that ends the row ``expired`` rather than ``failed``."""
 
 
 class _Route(NamedTuple):
@@ -80,22 +238,12 @@ class _Route(NamedTuple):
 
     names: tuple[str, ...]
     label: str
-    #: the first name that is no configured transport, if any
-    missing: str | None
-
-
-@dataclass
-class _Plan:
-    by_transport: dict[str, list[Envelope]] = field(default_factory=dict)
-    rows: dict[int, _Planned] = field(default_factory=dict)
-    failed: list[Outcome] = field(default_factory=list)
-    expired: list[Outcome] = field(default_factory=list)
-    #: transports that delivered again after a batch they could not deliver at all
-    recovered: list[str] = field(default_factory=list)
+    #: why rows of this route cannot go, if they cannot
+    problem: str | None
 
 
 class Relay:
-    """One worker. ``process_batch`` is one claim-publish-record cycle in one transaction."""
+    """One worker of one lane. ``process_batch`` is one claim-publish-record turn."""
 
     def __init__(
         self,
@@ -103,227 +251,436 @@ class Relay:
         transports: Mapping[str, Transport],
         settings: Settings,
         *,
+        lane: Lane | None = None,
+        owner: str | None = None,
+        leases: LeaseBook | None = None,
         otp: OtpIssuer | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.store = store
         self.transports = transports
         self.settings = settings
+        self.lane = lane or _single_lane(settings, transports)
+        self.owner = owner or relay_identity()
+        self.leases = leases or LeaseBook(monotonic)
         self.otp = otp
         self.clock = clock
+        self.monotonic = monotonic
         self.rng = rng or random.Random()
+        self.stopping = stopping
         self.policy = RetryPolicy(settings.backoff_base, settings.backoff_max, settings.max_attempts)
+        self.pace = Pace()
         self._routes: dict[tuple[str, str | None], _Route] = {}
-        #: transports whose last batch failed as a whole (transiently): unreachable
-        self._down: set[str] = set()
+        #: chunks in a row that the lane's transport could not deliver at all
+        self.outage = 0
 
     def _route(self, command: str, row_route: str | None) -> _Route:
         route = self._routes.get((command, row_route))
         if route is None:
-            names = self.settings.route_for(command, row_route)
-            missing = next((name for name in names if name not in self.transports), None)
-            route = self._routes[command, row_route] = _Route(names, "+".join(names), missing)
+            try:
+                names = self.settings.route_for(command, row_route.strip() if row_route else None)
+            except ConfigurationError:
+                route = _Route((), "none", f"route {row_route!r} is not a route (name a "
+                               "configured transport, or several joined with '+')")
+            else:
+                missing = next((name for name in names if name not in self.transports), None)
+                problem = (None if missing is None
+                           else f"route {missing!r} names no configured transport")
+                route = _Route(names, "+".join(names), problem)
+            self._routes[command, row_route] = route
         return route
 
     def process_batch(self) -> BatchReport:
+        limit = claim_size(self.pace, claim_timeout=self.settings.claim_timeout,
+                           batch_size=self.settings.batch_size)
+        claim = self.rng.getrandbits(63) or 1
+        request = ClaimRequest(keys=self.lane.key_list(), limit=limit,
+                               lease=self.settings.claim_timeout, owner=self.owner, claim=claim,
+                               aging=self.settings.priority_aging)
+        started = self.monotonic()
         with self.store.transaction() as tx:
-            rows = tx.claim_batch(self.settings.batch_size)
+            rows = tx.claim(request)
             if not rows:
                 return BatchReport()
             metrics.BATCHES.inc()
-            now = self.clock()
-            plan = self._plan(tx, rows, now)
-            errors = self._publish(plan)
-            return self._record(tx, plan, errors, self.clock())
+            planned, report = self._plan(tx, rows, self.clock(), claim)
+        self.leases.add(claim, started + self.settings.claim_timeout)
+        try:
+            report.add(self._publish_all(planned, claim))
+        finally:
+            self.leases.remove(claim)
+        report.claimed = len(rows)
+        report.full = len(rows) >= limit
+        return report
 
-    # -- planning: validate, route, expire, encode ------------------------------------------
+    # -- planning: decode, validate, route, expire, draw OTPs -------------------------------
 
-    def _plan(self, tx: StoreTransaction, rows: Sequence[ClaimedRow], now: float) -> _Plan:
-        plan = _Plan()
+    def _plan(self, tx: StoreTransaction, rows: Sequence[ClaimedRow], now: float,
+              claim: int) -> tuple[list[_Planned], BatchReport]:
+        planned: list[_Planned] = []
+        failed: list[Outcome] = []
+        expired: list[Outcome] = []
         for row in rows:
             try:
-                command = validate(row.command, row.data)
-            except InvalidCommand as exc:
-                plan.failed.append(Outcome(row.id, f"invalid command: {exc.message}", attempted=0))
-                continue
-            expires_at = row.expires_at
-            if expires_at is None and command == CREATE_OTP:
-                expires_at = row.created_at + self.settings.otp_ttl
-            if expires_at is not None and expires_at <= now:
-                plan.expired.append(Outcome(row.id, "expired before it could be published", 0))
-                continue
-            route = self._route(command, row.route)
-            if route.missing is not None:
-                plan.failed.append(Outcome(
-                    row.id, f"route {route.missing!r} names no configured transport", attempted=0))
-                continue
-            try:
-                envelopes = [(name, self._envelope(tx, row, command, name, now, expires_at))
-                             for name in route.names]
-            except InvalidCommand as exc:
-                plan.failed.append(Outcome(row.id, exc.message, attempted=0))
-                continue
-            plan.rows[row.id] = _Planned(row, command, route.label, expires_at)
-            for name, envelope in envelopes:
-                plan.by_transport.setdefault(name, []).append(envelope)
-        return plan
+                outcome = self._plan_row(tx, row, now)
+            except Exception as exc:  # one row's surprise must not stop the rows behind it
+                log.exception("message.unplannable", id=row.id, error=type(exc).__name__)
+                outcome = Outcome(row.id, f"cannot be planned: {type(exc).__name__}", attempted=0)
+            if isinstance(outcome, _Planned):
+                planned.append(outcome)
+            elif isinstance(outcome, _Expired):
+                expired.append(outcome)
+            else:
+                failed.append(outcome)
+        commands = {row.id: row.command for row in rows}
+        for outcome in failed:
+            metrics.MESSAGES.labels(commands.get(outcome.id, "unknown"), "none", "failed").inc()
+            log.error("message.failed", id=outcome.id, command=commands.get(outcome.id),
+                      reason=outcome.reason)
+        for outcome in expired:
+            metrics.MESSAGES.labels(commands.get(outcome.id, "unknown"), "none", "expired").inc()
+            log.warning("message.expired", id=outcome.id, reason=outcome.reason)
+        tx.mark_failed(failed, claim)
+        tx.mark_expired(expired, claim)
+        return planned, BatchReport(failed=len(failed), expired=len(expired))
 
-    def _envelope(self, tx: StoreTransaction, row: ClaimedRow, command: str, route: str,
-                  now: float, expires_at: float | None) -> Envelope:
-        transport = self.transports[route]
-        data: Mapping[str, Any] = row.data
-        wire_command = command
+    def _plan_row(self, tx: StoreTransaction, row: ClaimedRow,  # noqa: PLR0911 - one per rule
+                  now: float) -> _Planned | Outcome:
+        data = row.data
+        if isinstance(data, str):
+            try:
+                data = decode_data(data)
+            except ValueError as exc:
+                return Outcome(row.id, f"invalid command: data cannot be decoded ({exc})", 0)
+        try:
+            command = validate(row.command, data)
+        except InvalidCommand as exc:
+            return Outcome(row.id, f"invalid command: {exc.message}", attempted=0)
+        expires_at = row.expires_at
+        if expires_at is None and command == CREATE_OTP:
+            expires_at = row.created_at + self.settings.otp_ttl
+        if expires_at is not None and not expires_at > now:  # NaN too
+            return _Expired(row.id, "expired before it could be published", 0)
+        route = self._route(command, row.route)
+        if route.problem is not None:
+            return Outcome(row.id, route.problem, attempted=0)
+        try:
+            wires = tuple(self._wire(tx, row, command, data, name, expires_at)
+                          for name in route.names)
+            for name, wire_command, wire_data in wires:  # refuse what cannot be encoded now
+                self._encode(row, name, wire_command, wire_data, now, expires_at)
+        except InvalidCommand as exc:
+            return Outcome(row.id, exc.message, attempted=0)
+        except (TypeError, ValueError, OverflowError) as exc:
+            return Outcome(row.id, f"invalid command: data cannot be encoded ({type(exc).__name__})",
+                           attempted=0)
+        return _Planned(row, command, data, route.label, expires_at, wires)
+
+    def _wire(self, tx: StoreTransaction, row: ClaimedRow, command: str, data: Any, name: str,
+              expires_at: float | None) -> tuple[str, str, Mapping[str, Any]]:
+        transport = self.transports[name]
         if command == CREATE_OTP and transport.options.otp_mode is OtpMode.MANAGED:
             if self.otp is None:
                 raise InvalidCommand(
                     "otp_not_configured",
-                    f"route {route!r} manages OTPs but no OTP secret is configured "
+                    f"route {name!r} manages OTPs but no OTP secret is configured "
                     "(set OUTBOX_OTP_SECRET, or use otp=device on a REST transport)",
                 )
             assert expires_at is not None
-            wire_command, data = self.otp.issue(tx, row, expires_at)
-        payload = wire_payload(wire_command, data, message_id=row.id,
-                               dialect=transport.options.dialect, now=now, expires_at=expires_at)
-        return Envelope(row.id, wire_command, encode(payload), attempt=row.attempts + 1)
+            wire_command, wire_data = self.otp.issue(tx, row._replace(data=data), expires_at)
+            return name, wire_command, wire_data
+        return name, command, data
 
-    # -- a transport back from an outage ---------------------------------------------------
+    def _encode(self, row: ClaimedRow, name: str, command: str, data: Mapping[str, Any],
+                now: float, expires_at: float | None) -> bytes:
+        payload = wire_payload(command, data, message_id=row.id,
+                               dialect=self.transports[name].options.dialect, now=now,
+                               expires_at=expires_at)
+        return encode(payload)
 
-    def _release_retries(self, tx: StoreTransaction, name: str) -> None:
-        """``name`` delivers again: the rows that wait out a retry backoff for it go now,
-        not minutes later when their timers say (backoff_max is ten minutes by default)."""
-        commands = [command for command in COMMANDS
-                    if name in self.settings.route_for(command, None)]
-        released = 0
-        while True:
-            count = tx.release_retries(name, commands, RELEASE_BATCH)
-            released += count
-            if count < RELEASE_BATCH:
+    # -- publishing, chunk by chunk ---------------------------------------------------------
+
+    def _publish_all(self, planned: list[_Planned], claim: int) -> BatchReport:
+        report = BatchReport()
+        margin = lease_margin(self.settings.claim_timeout)
+        remaining = planned
+        done = 0
+        while remaining:
+            # What the pace now says this claim can finish in its budget; the rest goes back
+            # at once, for any relay to take (the first claim of a lane is a guess).
+            budget = claim_size(self.pace, claim_timeout=self.settings.claim_timeout,
+                                batch_size=self.settings.batch_size)
+            if done and len(remaining) > budget - done:
+                keep = max(0, budget - done)
+                self._hand_back([p.row for p in remaining[keep:]], claim, "over_budget")
+                report.handed_back += len(remaining) - keep
+                remaining = remaining[:keep]
+                if not remaining:
+                    break
+            count = chunk_size(self.pace, remaining=len(remaining))
+            reason = None
+            if self.stopping():
+                reason = "stopping"
+            elif not lease_allows(now=self.monotonic(), deadline=self.leases.deadline(claim),
+                                  rows=count, pace=self.pace, margin=margin):
+                reason = "lease_running_out"
+            if reason is not None:
+                self._hand_back([p.row for p in remaining], claim, reason)
+                report.handed_back += len(remaining)
                 break
-        log.info("transport.recovered", route=name, retries_released=released)
-
-    # -- publishing ----------------------------------------------------------------------
-
-    def _publish(self, plan: _Plan) -> dict[int, list[PublishError]]:
-        errors: dict[int, list[PublishError]] = {}
-        for name, envelopes in plan.by_transport.items():
-            transport = self.transports[name]
+            chunk, remaining = remaining[:count], remaining[count:]
             started = time.perf_counter()
-            try:
-                failures = transport.publish(envelopes)
-            except PublishError as exc:
-                failures = {envelope.id: exc for envelope in envelopes}
-            except Exception as exc:  # a bug or an unmapped library error: retry, loudly
-                log.exception("transport.unexpected_error", route=name, error=type(exc).__name__)
-                unexpected = TransientPublishError(
-                    f"unexpected {type(exc).__name__} in transport {name!r}")
-                failures = {envelope.id: unexpected for envelope in envelopes}
-            metrics.PUBLISH_DURATION.labels(name).observe(time.perf_counter() - started)
-            if len(failures) == len(envelopes) and all(e.transient for e in failures.values()):
-                self._down.add(name)
-            elif name in self._down and len(failures) < len(envelopes):
-                self._down.discard(name)
-                plan.recovered.append(name)
+            chunk_report, down, not_tried = self._publish_chunk(chunk, claim)
+            self.pace.observe(len(chunk) - len(not_tried), time.perf_counter() - started)
+            done += len(chunk)
+            report.add(chunk_report)
+            if down:
+                self.outage += 1
+                rest = [p.row for p in remaining]
+                self._hand_back(rest, claim, "transport_unreachable")
+                report.handed_back += len(rest)
+                break
+            self.outage = 0
+        return report
+
+    def _publish_chunk(self, chunk: list[_Planned], claim: int
+                       ) -> tuple[BatchReport, bool, list[ClaimedRow]]:
+        """Publish one chunk and record it; (report, transport down, rows handed back)."""
+        now = self.clock()
+        expired: list[Outcome] = []
+        live: list[_Planned] = []
+        for planned in chunk:
+            if planned.expires_at is not None and not planned.expires_at > now:
+                expired.append(Outcome(planned.row.id, "expired before it could be published", 0))
+            else:
+                live.append(planned)
+        by_transport: dict[str, list[Envelope]] = {}
+        bodies: dict[int, list[bytes]] = {}
+        for planned in live:
+            row = planned.row
+            for name, command, data in planned.wires:
+                body = self._encode(row, name, command, data, now, planned.expires_at)
+                by_transport.setdefault(name, []).append(
+                    Envelope(row.id, command, body, attempt=row.attempts + 1))
+                bodies.setdefault(row.id, []).append(body)
+        errors: dict[int, list[PublishError]] = {}
+        down = False
+        recovered = False
+        for name, envelopes in by_transport.items():
+            failures, raised = self._publish_to(name, envelopes)
+            if failures and len(failures) == len(envelopes) and _transport_down(
+                    list(failures.values()), raised=raised):
+                down = True
+            elif len(failures) < len(envelopes) and self.outage:
+                recovered = True
             for message_id, error in failures.items():
                 errors.setdefault(message_id, []).append(error)
-        return errors
+        not_tried = [p.row for p in live
+                     if (row_errors := errors.get(p.row.id))
+                     and all(isinstance(e, NotTried) for e in row_errors)]
+        report = self._record(live, errors, bodies, expired, not_tried, claim,
+                              recovered=recovered)
+        return report, down, not_tried
+
+    def _publish_to(self, name: str, envelopes: list[Envelope]
+                    ) -> tuple[dict[int, PublishError], bool]:
+        """The failures by row id, and whether the transport raised for the whole chunk."""
+        transport = self.transports[name]
+        started = time.perf_counter()
+        raised = True
+        try:
+            failures = transport.publish(envelopes)
+            raised = False
+        except PublishError as exc:
+            failures = {envelope.id: exc for envelope in envelopes}
+        except Exception as exc:  # a bug or an unmapped library error: retry, loudly
+            log.exception("transport.unexpected_error", route=name, error=type(exc).__name__)
+            unexpected = TransientPublishError(
+                f"unexpected {type(exc).__name__} in transport {name!r}")
+            failures = {envelope.id: unexpected for envelope in envelopes}
+        metrics.PUBLISH_DURATION.labels(name).observe(time.perf_counter() - started)
+        return failures, raised
+
+    def _hand_back(self, rows: Sequence[ClaimedRow], claim: int, reason: str) -> None:
+        if not rows:
+            return
+        with self.store.transaction() as tx:
+            tx.hand_back(rows, claim)
+        log.info("claim.handed_back", lane=self.lane.label, rows=len(rows), reason=reason)
 
     # -- recording -----------------------------------------------------------------------
 
-    def _record(self, tx: StoreTransaction, plan: _Plan, errors: dict[int, list[PublishError]],
-                now: float) -> BatchReport:
+    def _record(self, live: list[_Planned], errors: dict[int, list[PublishError]],
+                bodies: dict[int, list[bytes]], expired: list[Outcome],
+                not_tried: list[ClaimedRow], claim: int, *, recovered: bool) -> BatchReport:
+        now = self.clock()
         sent: list[int] = []
         log_sent = debug_enabled()
         retries: list[Rescheduled] = []
-        failed = list(plan.failed)
-        expired = list(plan.expired)
+        failed: list[Outcome] = []
+        handed = {row.id for row in not_tried}
         outcomes: Counter[tuple[str, str, str]] = Counter()
-        #: (command, route) -> lags of the rows sent
         delivered: dict[tuple[str, str], list[float]] = {}
-        for message_id, (row, command, route, expires_at) in plan.rows.items():
-            row_errors = errors.get(message_id)
+        for planned in live:
+            row, command, route = planned.row, planned.command, planned.route
+            if row.id in handed:
+                continue
+            row_errors = errors.get(row.id)
             if not row_errors:
-                sent.append(message_id)
+                sent.append(row.id)
                 delivered.setdefault((command, route), []).append(now - row.created_at)
                 if log_sent:
-                    log.debug("message.sent", id=message_id, command=command, route=route,
+                    log.debug("message.sent", id=row.id, command=command, route=route,
                               attempt=row.attempts + 1)
                 continue
             error = next((e for e in row_errors if not e.transient), row_errors[0])
             decision = decide(self.policy, error, attempts=row.attempts + 1, now=now,
-                              expires_at=expires_at, rng=self.rng)
-            reason = _redacted(decision.reason, plan, message_id)
+                              expires_at=planned.expires_at, rng=self.rng)
+            reason = redact(decision.reason, planned.data, *bodies.get(row.id, ()))
             if isinstance(decision, Retry):
-                retries.append(Rescheduled(message_id, decision.at, reason))
+                retries.append(Rescheduled(row.id, decision.at, reason))
                 outcomes[command, route, "retry_scheduled"] += 1
-                log.warning("message.retry_scheduled", id=message_id, command=command,
+                log.warning("message.retry_scheduled", id=row.id, command=command,
                             route=route, attempt=row.attempts + 1,
                             retry_in=round(decision.at - now, 3), reason=reason)
             elif isinstance(decision, Fail):
-                failed.append(Outcome(message_id, reason))
+                failed.append(Outcome(row.id, reason))
+                outcomes[command, route, "failed"] += 1
+                log.error("message.failed", id=row.id, command=command, reason=reason)
             elif isinstance(decision, Expire):
-                expired.append(Outcome(message_id, reason))
+                expired.append(Outcome(row.id, reason))
         for (command, route), lags in delivered.items():
             outcomes[command, route, "sent"] += len(lags)
             # a clock step backwards must not record a negative lag
             metrics.DELIVERY_LAG.observe_many(route, (lag if lag > 0 else 0.0 for lag in lags))
-        for outcome in failed:
-            planned = plan.rows.get(outcome.id)
-            command, route = (planned.command, planned.route) if planned else ("unknown", "none")
-            outcomes[command, route, "failed"] += 1
-            log.error("message.failed", id=outcome.id, command=command, reason=outcome.reason)
+        commands = {p.row.id: (p.command, p.route) for p in live}
         for outcome in expired:
-            planned = plan.rows.get(outcome.id)
-            command, route = (planned.command, planned.route) if planned else ("unknown", "none")
+            command, route = commands.get(outcome.id, ("unknown", "none"))
             outcomes[command, route, "expired"] += 1
             log.warning("message.expired", id=outcome.id, reason=outcome.reason)
-        tx.mark_sent(sent)
-        tx.schedule_retry(retries)
-        tx.mark_failed(failed)
-        tx.mark_expired(expired)
-        for name in plan.recovered:
-            self._release_retries(tx, name)
+        with self.store.transaction() as tx:
+            tx.mark_sent(sent, claim)
+            tx.schedule_retry(retries, claim)
+            tx.mark_failed(failed, claim)
+            tx.mark_expired(expired, claim)
+            tx.hand_back(not_tried, claim)
+            if recovered:
+                self._release_retries(tx)
         for (command, route, state), count in outcomes.items():
             metrics.MESSAGES.labels(command, route, state).inc(count)
-        claimed = len(plan.rows) + len(plan.failed) + len(plan.expired)
-        return BatchReport(claimed=claimed, sent=len(sent), retried=len(retries),
-                           failed=len(failed), expired=len(expired))
+        return BatchReport(sent=len(sent), retried=len(retries), failed=len(failed),
+                           expired=len(expired), handed_back=len(not_tried))
+
+    def _release_retries(self, tx: StoreTransaction) -> None:
+        """The lane delivers again: its rows that wait out a retry backoff go now, not
+        minutes later when their timers say (backoff_max is ten minutes by default)."""
+        keys = self.lane.key_list()
+        released = 0
+        while True:
+            count = tx.release_retries(keys, RELEASE_BATCH)
+            released += count
+            if count < RELEASE_BATCH:
+                break
+        log.info("transport.recovered", route=self.lane.label, retries_released=released)
+
+
+def _transport_down(errors: list[PublishError], *, raised: bool) -> bool:
+    """Whether a chunk that failed as a whole says the transport itself is down (rather than
+    each message having its own transient trouble, like a device's 1101 for one row)."""
+    if not all(error.transient for error in errors):
+        return False
+    return raised or len(errors) > 1 or all(isinstance(e, Unreachable) for e in errors)
+
+
+def decode_data(text: str) -> Any:
+    """A row's jsonb text as Python values. orjson first (fast); the standard library for
+    what orjson refuses (integers beyond 64 bits); ValueError naming the problem when
+    neither can (nesting deeper than Python's recursion allows)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except ValueError as exc:
+        raise ValueError(str(exc).split(":")[0]) from None
+
+
+def relay_identity() -> str:
+    """How this relay process names itself in ``claimed_by`` and ``application_name``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _single_lane(settings: Settings, transports: Mapping[str, Transport]) -> Lane:
+    """Every key of every configured lane: one worker that publishes everything (tests)."""
+    lane = Lane("*", tuple(transports))
+    for configured in configured_lanes(settings).values():
+        for key in configured.key_list():
+            lane.add_key(key)
+    return lane
 
 
 # --- running workers ----------------------------------------------------------------------
 
 
 class RelayService:
-    """Runs ``settings.workers`` relays in threads, woken by NOTIFY, until ``stop`` is set."""
+    """Runs the lanes (``settings.workers`` threads each), woken by NOTIFY, until ``stop``."""
 
     def __init__(
         self,
         settings: Settings,
         database_url: str,
         *,
-        transports_factory: Callable[[Settings], Mapping[str, Transport]] = open_transports,
+        transports_factory: Callable[[Settings], Mapping[str, Transport]] | None = None,
         otp: OtpIssuer | None = None,
     ) -> None:
+        """``transports_factory`` (tests) returns every transport; each lane keeps its own.
+        By default a lane opens only the transports it publishes to."""
         self.settings = settings
         self.database_url = database_url
-        self.transports_factory = transports_factory
+        self._factory = transports_factory
         self.otp = otp
+        self.owner = relay_identity()
+        self.leases = LeaseBook()
+        self.lanes: dict[str, Lane] = {}
         self._wake_events: list[threading.Event] = []
-        #: monotonic time of the last completed loop turn, for /livez
-        self.last_turn = time.monotonic()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        #: monotonic time of each worker's last completed step, for /livez
+        self._turns: dict[str, float] = {}
         self.errors: list[BaseException] = []
 
+    @property
+    def last_turn(self) -> float:
+        """The oldest of the workers' last steps: /livez fails if any worker is stuck."""
+        with self._lock:
+            return min(self._turns.values(), default=time.monotonic())
+
+    def _turned(self, worker: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._turns[worker] = now
+
     def run(self, stop: threading.Event) -> None:
-        threads = [threading.Thread(target=self._listen, args=(stop,), name="outbox-listen",
-                                    daemon=True)]
-        for index in range(self.settings.workers):
-            wake = threading.Event()
-            self._wake_events.append(wake)
-            threads.append(threading.Thread(target=self._work, args=(stop, wake),
-                                            name=f"outbox-worker-{index}"))
+        self.lanes = configured_lanes(self.settings)
+        helpers = [
+            threading.Thread(target=self._listen, args=(stop,), name="outbox-listen", daemon=True),
+            threading.Thread(target=self._heartbeat, args=(stop,), name="outbox-heartbeat",
+                             daemon=True),
+            threading.Thread(target=self._discover, args=(stop,), name="outbox-lanes",
+                             daemon=True),
+        ]
+        for lane in self.lanes.values():
+            self._start_lane(lane, stop)
         log.info("relay.started", workers=self.settings.workers,
-                 batch_size=self.settings.batch_size, transports=sorted(self.settings.transports))
-        for thread in threads:
+                 batch_size=self.settings.batch_size, transports=sorted(self.settings.transports),
+                 lanes=sorted(self.lanes), claim_timeout=self.settings.claim_timeout)
+        for thread in helpers:
             thread.start()
         announced = False
 
@@ -335,21 +692,38 @@ class RelayService:
                 log.info("relay.stopping", signal=getattr(stop, "signal_name", None))
 
         try:
-            for thread in threads[1:]:
-                while thread.is_alive():
-                    if stop.is_set():
-                        announce()
-                        self._wake_all()  # workers idle in wait() see the stop at once
-                    thread.join(0.05)
+            while True:
+                with self._lock:
+                    alive = [thread for thread in self._threads if thread.is_alive()]
+                if not alive:
+                    break
+                if stop.is_set():
+                    announce()
+                    self._wake_all()  # workers idle in wait() see the stop at once
+                alive[0].join(0.05)
             announce()
         finally:
             stop.set()
             self._wake_all()
-            threads[0].join(2)
+            for thread in helpers:
+                thread.join(2)
         log.info("relay.stopped")
 
+    def _start_lane(self, lane: Lane, stop: threading.Event) -> None:
+        for index in range(self.settings.workers):
+            wake = threading.Event()
+            name = f"outbox-{lane.label}-{index}"
+            thread = threading.Thread(target=self._work, args=(stop, wake, lane, name), name=name)
+            with self._lock:
+                self._wake_events.append(wake)
+                self._threads.append(thread)
+                self._turns[name] = time.monotonic()
+            thread.start()
+
     def _wake_all(self) -> None:
-        for event in self._wake_events:
+        with self._lock:
+            events = list(self._wake_events)
+        for event in events:
             event.set()
 
     # -- LISTEN --------------------------------------------------------------------------
@@ -357,7 +731,7 @@ class RelayService:
     def _listen(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
-                connection = connect(self.database_url, autocommit=True)
+                connection = self._connect_once(autocommit=True)
             except DatabaseUnavailable:
                 stop.wait(1.0)
                 continue
@@ -372,26 +746,85 @@ class RelayService:
                 log.warning("relay.listen_lost")
                 stop.wait(0.5)
 
+    # -- leases --------------------------------------------------------------------------
+
+    def _heartbeat(self, stop: threading.Event) -> None:
+        """Extend the leases of the claims being published, a third of the timeout apart."""
+        interval = self.settings.claim_timeout / 3
+        store: PostgresStore | None = None
+        while not stop.wait(interval):
+            claims = self.leases.claims()
+            if not claims:
+                continue
+            started = time.monotonic()
+            try:
+                if store is None:
+                    store = PostgresStore(self._connect_once(autocommit=False))
+                store.extend_leases(claims, self.settings.claim_timeout)
+            except (DatabaseUnavailable, psycopg.Error) as exc:
+                log.warning("lease.extend_failed", claims=len(claims), error=type(exc).__name__)
+                if store is not None:
+                    _close_quietly(store)
+                store = None
+                continue
+            self.leases.renewed(claims, started + self.settings.claim_timeout)
+        if store is not None:
+            _close_quietly(store)
+
+    # -- lanes nobody configured -----------------------------------------------------------
+
+    def _discover(self, stop: threading.Event) -> None:
+        """Look for lane keys of pending rows that no lane claims: a route written with
+        spaces, a fan-out nobody configured, a route to no transport (those rows fail)."""
+        store: PostgresStore | None = None
+        while not stop.wait(max(DISCOVERY_INTERVAL, self.settings.poll_interval)):
+            try:
+                if store is None:
+                    store = PostgresStore(self._connect_once(autocommit=False))
+                keys = store.pending_lane_keys()
+            except (DatabaseUnavailable, psycopg.Error):
+                if store is not None:
+                    _close_quietly(store)
+                store = None
+                continue
+            known = {key for lane in self.lanes.values() for key in lane.key_list()}
+            for key in keys:
+                if key in known:
+                    continue
+                created = add_key(self.lanes, self.settings, key)
+                log.info("lane.key_found", key_lane=resolve_key(self.settings, key)[0],
+                         new_lane=created is not None)
+                if created is not None and not stop.is_set():
+                    self._start_lane(created, stop)
+            self._wake_all()
+        if store is not None:
+            _close_quietly(store)
+
     # -- one worker ----------------------------------------------------------------------
 
-    def _work(self, stop: threading.Event, wake: threading.Event) -> None:
-        transports = self.transports_factory(self.settings)
+    def _work(self, stop: threading.Event, wake: threading.Event, lane: Lane, worker: str) -> None:
+        transports = self._open_transports(lane)
         relay: Relay | None = None
         try:
             while not stop.is_set():
                 if relay is None:
-                    relay = self._connect(stop, transports)
+                    relay = self._connect(stop, transports, lane, worker)
                     if relay is None:
                         return
                 wake.clear()
                 try:
                     report = relay.process_batch()
-                    self.last_turn = time.monotonic()
-                    if report.claimed >= self.settings.batch_size:
+                    self._turned(worker)
+                    pause = backoff_after_outage(relay.outage)
+                    if pause:
+                        stop.wait(pause)
                         continue
-                    due = relay.store.next_due()
+                    if report.full or (report.handed_back and not stop.is_set()):
+                        continue
+                    due = relay.store.next_due(lane.key_list())
                 except psycopg.OperationalError as exc:
-                    log.warning("relay.database_lost", error=str(exc).splitlines()[0] if str(exc) else "")
+                    log.warning("relay.database_lost",
+                                error=str(exc).splitlines()[0] if str(exc) else "")
                     _close_quietly(relay.store)
                     relay = None
                     continue
@@ -399,12 +832,15 @@ class RelayService:
                     self.settings.poll_interval, max(due, 0.0))
                 if timeout > 0:
                     wake.wait(timeout)
+                self._turned(worker)
         except BaseException as exc:
             self.errors.append(exc)
             log.exception("relay.crashed", error=type(exc).__name__)
             stop.set()
             raise
         finally:
+            with self._lock:
+                self._turns.pop(worker, None)
             if relay is not None:
                 _close_quietly(relay.store)
             for transport in transports.values():
@@ -413,10 +849,22 @@ class RelayService:
                 except Exception:
                     log.warning("transport.close_failed", route=transport.name)
 
-    def _connect(self, stop: threading.Event, transports: Mapping[str, Transport]) -> Relay | None:
+    def _open_transports(self, lane: Lane) -> Mapping[str, Transport]:
+        if self._factory is None:
+            return _open_named(self.settings, lane.names)
+        return {name: transport for name, transport in self._factory(self.settings).items()
+                if name in lane.names}
+
+    def _connect_once(self, *, autocommit: bool) -> psycopg.Connection[Any]:
+        return connect(self.database_url, autocommit=autocommit,
+                       application_name=f"outbox relay {self.owner}",
+                       keepalive_timeout=self.settings.claim_timeout / 2)
+
+    def _connect(self, stop: threading.Event, transports: Mapping[str, Transport], lane: Lane,
+                 worker: str) -> Relay | None:
         def before_sleep(state: RetryCallState) -> None:
             # Waiting for the database is not being stuck: /livez stays green (/readyz not).
-            self.last_turn = time.monotonic()
+            self._turned(worker)
             log.warning("relay.database_unavailable", attempt=state.attempt_number)
 
         def nap(seconds: float) -> None:
@@ -431,25 +879,35 @@ class RelayService:
             reraise=True,
         )
         try:
-            connection = retrying(connect, self.database_url)
+            connection = retrying(self._connect_once, autocommit=False)
         except DatabaseUnavailable:
             return None  # stop was set while waiting
         # The relay's own commits need not wait for the WAL flush: if the server crashes and
         # loses the last few "sent" marks, those rows are simply published again, which
         # at-least-once delivery allows. Nothing can be lost: the applications' INSERTs keep
-        # their own (synchronous) durability. This halves the cost of a batch's commit.
+        # their own (synchronous) durability. This halves the cost of a commit.
+        # A relay never idles inside a transaction; should it freeze in one, the server ends
+        # the session and its row locks go with it.
         connection.execute("SET synchronous_commit = off")
+        connection.execute(
+            "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+            (f"{int(self.settings.claim_timeout * 1000)}ms",))
         connection.commit()
         store = PostgresStore(connection, blank_texts=self.settings.blank_terminal_texts)
-        return Relay(store, transports, self.settings, otp=self.otp)
+        return Relay(store, transports, self.settings, lane=lane, owner=self.owner,
+                     leases=self.leases, otp=self.otp, stopping=stop.is_set)
 
 
-def _redacted(reason: str, plan: _Plan, message_id: int) -> str:
-    """A transport's reason without the row's receiver, texts or OTP code, should it quote
-    them: the reason is stored in ``last_error`` and logged. Failure paths only."""
-    sent = [envelope.body for envelopes in plan.by_transport.values()
-            for envelope in envelopes if envelope.id == message_id]
-    return redact(reason, plan.rows[message_id].row.data, *sent)
+def _open_named(settings: Settings, names: Sequence[str]) -> dict[str, Transport]:
+    opened: dict[str, Transport] = {}
+    try:
+        for name in names:
+            opened[name] = open_transport(name, settings.transports[name], settings)
+    except BaseException:
+        for transport in opened.values():
+            transport.close()
+        raise
+    return opened
 
 
 def _close_quietly(store: Store) -> None:
@@ -457,4 +915,16 @@ def _close_quietly(store: Store) -> None:
         store.close()
 
 
-__all__ = ["BatchReport", "OtpIssuer", "Relay", "RelayService"]
+__all__ = [
+    "UNROUTABLE",
+    "BatchReport",
+    "Lane",
+    "LeaseBook",
+    "OtpIssuer",
+    "Relay",
+    "RelayService",
+    "configured_lanes",
+    "decode_data",
+    "relay_identity",
+    "resolve_key",
+]

@@ -28,6 +28,15 @@ from outbox.errors import ConfigurationError
 
 DEFAULT_TRANSPORT = "default"
 
+#: what the schema applies to a row inserted without a priority (migration 0007)
+DEFAULT_PRIORITIES: Mapping[str, int] = {
+    "create-otp": 0,
+    "block-msisdn": 2,
+    "unblock-msisdn": 2,
+    "send-sms": 5,
+    "send-email": 5,
+}
+
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
@@ -41,6 +50,13 @@ class Settings:
     workers: int = 1
     poll_interval: float = 1.0
     publish_timeout: float = 10.0
+    #: how long a claimed row stays leased to a relay that stops extending it
+    claim_timeout: float = 30.0
+
+    #: default priority per command (0 most urgent .. 9), applied to rows inserted without one
+    priorities: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_PRIORITIES))
+    #: seconds of waiting worth one priority level (aging)
+    priority_aging: float = 60.0
 
     max_attempts: int = 12
     backoff_base: float = 1.0
@@ -115,9 +131,22 @@ class Settings:
             raise ConfigurationError("otp_digits must be between 4 and 10")
         if self.poll_interval <= 0 or self.publish_timeout <= 0:
             raise ConfigurationError("poll_interval and publish_timeout must be positive")
+        self._validate_claims()
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigurationError("log_format must be auto, json or console")
         self._validate_operations()
+
+    def _validate_claims(self) -> None:
+        if not 1.0 <= self.claim_timeout <= 86400.0:
+            raise ConfigurationError("claim_timeout must be a duration from 1s to 1d (e.g. 30s)")
+        if not 0 <= self.priority_aging <= 365 * 86400.0:
+            raise ConfigurationError("priority_aging must be a duration (e.g. 60s; 0: no aging)")
+        for command, priority in self.priorities.items():
+            if command not in COMMANDS:
+                raise ConfigurationError(
+                    f"priority for unknown command {command!r} (expected one of: {', '.join(COMMANDS)})")
+            if not 0 <= priority <= 9:
+                raise ConfigurationError(f"priority for {command} must be from 0 (most urgent) to 9")
 
     def _validate_operations(self) -> None:
         if self.database_url is not None:
@@ -235,6 +264,7 @@ def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     transports: dict[str, str] = {}
     routes: dict[str, str] = {}
+    priorities: dict[str, str] = {}
     if env.get("DATABASE_URL"):
         values["database_url"] = env["DATABASE_URL"]
     for key, raw in env.items():
@@ -248,6 +278,8 @@ def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
             transports[name[len("transport_"):]] = raw
         elif name.startswith("route_"):
             routes[name[len("route_"):].replace("_", "-")] = raw
+        elif name.startswith("priority_") and name != "priority_aging":
+            priorities[name[len("priority_"):].replace("_", "-")] = raw
         else:
             _check_known(name, f"from {key}", lambda known: f"{_ENV_PREFIX}{known.upper()}")
             values[name] = raw
@@ -255,6 +287,8 @@ def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
         values["transports"] = transports
     if routes:
         values["routes"] = routes
+    if priorities:
+        values["priorities"] = priorities
     return values
 
 
@@ -281,6 +315,11 @@ def _coerce(key: str, raw: Any, annotation: Any) -> Any:  # noqa: PLR0911, PLR09
             if not isinstance(raw, Mapping):
                 raise TypeError
             return {str(k): str(v) for k, v in raw.items()}
+        if key == "priorities":
+            if not isinstance(raw, Mapping):
+                raise TypeError
+            given = {str(k): _whole_number(v) for k, v in raw.items()}
+            return {**DEFAULT_PRIORITIES, **given}
         if key == "otp_previous_secrets":
             if isinstance(raw, str):
                 return tuple(part for part in raw.split(",") if part)
@@ -305,6 +344,12 @@ def _coerce(key: str, raw: Any, annotation: Any) -> Any:  # noqa: PLR0911, PLR09
         return str(raw)
     except (TypeError, ValueError):
         raise ConfigurationError(f"setting {key}: {raw!r} is not a valid {kind}") from None
+
+
+def _whole_number(raw: Any) -> int:
+    if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+        raise ValueError
+    return int(raw)
 
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -332,4 +377,4 @@ def _duration(raw: Any) -> float:
     return float(text)
 
 
-__all__ = ["DEFAULT_TRANSPORT", "Settings", "mask_url", "parse_duration", "route_names"]
+__all__ = ["DEFAULT_PRIORITIES", "DEFAULT_TRANSPORT", "Settings", "mask_url", "parse_duration", "route_names"]

@@ -1,19 +1,42 @@
 """Every SQL statement the relay runs, each named for what it does.
 
-The relay works in one transaction per batch::
+The relay works with leases, in two short transactions per chunk of work::
 
-    with store.transaction() as tx:
-        rows = tx.claim_batch(200)          # FOR UPDATE SKIP LOCKED
-        ... publish ...
-        tx.mark_sent(ids)
-        tx.schedule_retry(...)
-        tx.mark_failed(...)
-        tx.mark_expired(...)
-    # commit: the rows' new states become visible and their locks are released
+    with store.transaction() as tx:          # 1. claim: stamp a lease on up to n rows, commit
+        rows = tx.claim(request)
+    ... publish, outside any transaction ...
+    with store.transaction() as tx:          # 2. record, only where the row still holds
+        tx.mark_sent(ids, claim)              #    this claim
+        tx.schedule_retry(rows, claim)
+        tx.mark_failed(rows, claim)
+        tx.hand_back(rows, claim)             # claimed, not tried: back in its place
 
-A crash anywhere before the commit rolls the whole batch back: its rows are pending again and
-another relay (or this one, restarted) publishes them again. That is the at-least-once
-guarantee; the row id on the wire lets consumers drop the repeat.
+The rules that shape the claim, written down once:
+
+- **Lanes.** Every row belongs to the lane of its route, keyed by
+  ``outbox.lane_key(route, command)``: its own route trimmed, or ``@command`` when it names
+  none. A relay lane (one transport, fan-out or pool) claims only its own keys, through the
+  index ``message_claim (lane_key, priority, available_at, id) WHERE state = 'pending'``, so a
+  backlog in one lane costs another lane nothing.
+- **Priority and aging.** Among due rows, the lowest ``available_at + priority * aging``
+  first (priority 0 is the most urgent; ``aging`` is ``OUTBOX_PRIORITY_AGING`` seconds per
+  level). The claim reads the first ``n`` rows of each (key, priority) class from the index in
+  ``available_at`` order and keeps the best ``n`` overall: within a class that order is the
+  rank's, so the best ``n`` are always among them.
+- **Ordering keys.** A row with an ``ordering_key`` is claimable only when no pending row
+  with the same key and a smaller id exists (leased, waiting to retry or scheduled later):
+  rows of one key go out one at a time in id order; other keys are not held back.
+- **Leases.** The claim sets ``claimed_by`` (the relay), ``claim`` (a random id per claim)
+  and ``available_at = now() + lease``; it returns the row's previous ``available_at`` so
+  that rows handed back keep their place. A lease that runs out makes the row due again for
+  any relay; a heartbeat extends the leases of claims still being published
+  (``extend_leases``). Every record statement matches ``claim``: a relay whose lease ran out
+  and was taken over can never overwrite what the new holder recorded.
+- ``FOR UPDATE SKIP LOCKED`` keeps concurrent claimers of one lane from waiting on each other;
+  the locks last only as long as the claim's own short transaction.
+
+A crash after the claim leaves the rows leased until the lease runs out; then they are
+published again (at-least-once). The row id on the wire lets consumers drop the repeat.
 """
 
 from __future__ import annotations
@@ -23,55 +46,121 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-import orjson
 import psycopg
-from psycopg.types.json import Jsonb, set_json_loads
+from psycopg.types.json import Jsonb
 
 CHANNEL = "outbox_message"
 
-CLAIM_BATCH = """
-SELECT id, command, data, route, attempts,
-       extract(epoch FROM created_at)::float8,
-       extract(epoch FROM expires_at)::float8
-FROM outbox.message
-WHERE state = 'pending' AND available_at <= now()
-ORDER BY available_at, id
-LIMIT %s
-FOR UPDATE SKIP LOCKED
+#: priorities run from 0 (most urgent) to this
+LOWEST_PRIORITY = 9
+
+CLAIM = """
+WITH picked AS (
+    SELECT c.id, c.available_at AS was_available_at,
+           extract(epoch FROM c.available_at) + c.priority * %(aging)s::float8 AS rank
+    FROM unnest(%(keys)s::text[]) AS k(key)
+    CROSS JOIN generate_series(0, 9) AS p(priority)
+    CROSS JOIN LATERAL (
+        SELECT m.id, m.available_at, m.priority
+        FROM outbox.message AS m
+        WHERE m.state = 'pending'
+          AND outbox.lane_key(m.route, m.command) = k.key
+          AND m.priority = p.priority
+          AND m.available_at <= now()
+          AND (m.ordering_key IS NULL OR NOT EXISTS (
+                SELECT 1 FROM outbox.message AS e
+                WHERE e.ordering_key = m.ordering_key AND e.state = 'pending' AND e.id < m.id))
+        ORDER BY m.available_at, m.id
+        LIMIT %(limit)s
+        FOR UPDATE OF m SKIP LOCKED) AS c
+    ORDER BY rank, c.id
+    LIMIT %(limit)s
+), claimed AS (
+    UPDATE outbox.message AS m
+    SET available_at = now() + %(lease)s * interval '1 second',
+        claimed_by = %(owner)s, claim = %(claim)s
+    FROM picked
+    -- the id list as well as the join: the primary key finds the rows however the planner
+    -- sizes the table (on a small one it would rather scan it whole)
+    WHERE m.id = picked.id AND m.id = ANY(ARRAY(SELECT id FROM picked))
+    RETURNING m.id, m.command, m.data::text AS data, m.route, m.attempts,
+              extract(epoch FROM m.created_at)::float8 AS created_at,
+              extract(epoch FROM m.expires_at)::float8 AS expires_at,
+              extract(epoch FROM picked.was_available_at)::float8 AS was_available_at,
+              picked.rank
+)
+SELECT id, command, data, route, attempts, created_at, expires_at, was_available_at
+FROM claimed
+ORDER BY rank, id
+"""
+
+# The distinct lane keys of pending rows, one index descent each (a loose index scan): the
+# relay learns of routes it was not told about (a typo, spaces, a fan-out nobody configured).
+PENDING_LANE_KEYS = """
+WITH RECURSIVE k(key) AS (
+    SELECT min(outbox.lane_key(route, command)) FROM outbox.message WHERE state = 'pending'
+    UNION ALL
+    SELECT (SELECT min(outbox.lane_key(m.route, m.command)) FROM outbox.message AS m
+            WHERE m.state = 'pending' AND outbox.lane_key(m.route, m.command) > k.key)
+    FROM k WHERE k.key IS NOT NULL
+)
+SELECT key FROM k WHERE key IS NOT NULL
+"""
+
+# Seconds until the lane's earliest pending row is due (a lease's expiry included).
+NEXT_DUE = """
+SELECT extract(epoch FROM min(c.available_at) - now())::float8
+FROM unnest(%(keys)s::text[]) AS k(key)
+CROSS JOIN generate_series(0, 9) AS p(priority)
+CROSS JOIN LATERAL (
+    SELECT m.available_at FROM outbox.message AS m
+    WHERE m.state = 'pending' AND outbox.lane_key(m.route, m.command) = k.key
+      AND m.priority = p.priority
+    ORDER BY m.available_at
+    LIMIT 1) AS c
+"""
+
+EXTEND_LEASES = """
+UPDATE outbox.message SET available_at = now() + %(lease)s * interval '1 second'
+WHERE claim = ANY(%(claims)s) AND state = 'pending'
 """
 
 MARK_SENT = """
 UPDATE outbox.message
-SET state = 'sent', sent_at = now(), attempts = attempts + 1, last_error = NULL
-WHERE id = ANY(%s)
+SET state = 'sent', sent_at = now(), attempts = attempts + 1, last_error = NULL,
+    claimed_by = NULL, claim = NULL
+WHERE id = ANY(%s) AND claim = %s AND state = 'pending'
 """
 
 MARK_SENT_BLANKING_TEXTS = """
 UPDATE outbox.message
 SET state = 'sent', sent_at = now(), attempts = attempts + 1, last_error = NULL,
-    data = data - 'message' - 'subject'
-WHERE id = ANY(%s)
+    claimed_by = NULL, claim = NULL, data = data - 'message' - 'subject'
+WHERE id = ANY(%s) AND claim = %s AND state = 'pending'
 """
 
 SCHEDULE_RETRY = """
 UPDATE outbox.message AS m
-SET attempts = m.attempts + 1, available_at = to_timestamp(u.at), last_error = u.reason
+SET attempts = m.attempts + 1, available_at = to_timestamp(u.at), last_error = u.reason,
+    claimed_by = NULL, claim = NULL
 FROM unnest(%s::bigint[], %s::float8[], %s::text[]) AS u(id, at, reason)
-WHERE m.id = u.id
+WHERE m.id = u.id AND m.claim = %s AND m.state = 'pending'
 """
 
 MARK_FAILED = """
 UPDATE outbox.message AS m
-SET state = 'failed', attempts = m.attempts + u.attempted, last_error = u.reason
+SET state = 'failed', attempts = m.attempts + u.attempted, last_error = u.reason,
+    claimed_by = NULL, claim = NULL
 FROM unnest(%s::bigint[], %s::text[], %s::int[]) AS u(id, reason, attempted)
-WHERE m.id = u.id
+WHERE m.id = u.id AND m.claim = %s AND m.state = 'pending'
 """
 
 MARK_EXPIRED = """
 UPDATE outbox.message AS m
-SET state = 'expired', attempts = m.attempts + u.attempted, last_error = u.reason
+SET state = 'expired', attempts = m.attempts + u.attempted, last_error = u.reason,
+    claimed_by = NULL, claim = NULL
 FROM unnest(%s::bigint[], %s::text[], %s::int[]) AS u(id, reason, attempted)
-WHERE m.id = u.id
+WHERE m.id = u.id AND m.claim = %s AND m.state = 'pending'
 """
 
 # An expired row is never published again: its texts can go as a sent row's do. A failed
@@ -79,37 +168,73 @@ WHERE m.id = u.id
 MARK_EXPIRED_BLANKING_TEXTS = """
 UPDATE outbox.message AS m
 SET state = 'expired', attempts = m.attempts + u.attempted, last_error = u.reason,
-    data = m.data - 'message' - 'subject'
+    claimed_by = NULL, claim = NULL, data = m.data - 'message' - 'subject'
 FROM unnest(%s::bigint[], %s::text[], %s::int[]) AS u(id, reason, attempted)
-WHERE m.id = u.id
+WHERE m.id = u.id AND m.claim = %s AND m.state = 'pending'
+"""
+
+# Claimed but not tried (a stop, a lost lease, a transport that stopped answering): the row
+# goes back to where it was in the queue, with its attempts untouched.
+HAND_BACK = """
+UPDATE outbox.message AS m
+SET available_at = to_timestamp(u.was), claimed_by = NULL, claim = NULL
+FROM unnest(%s::bigint[], %s::float8[]) AS u(id, was)
+WHERE m.id = u.id AND m.claim = %s AND m.state = 'pending'
 """
 
 # A transport that was unreachable works again: its rows waiting out their retry backoff (up
 # to backoff_max, ten minutes by default) are due now rather than when their timers say.
-# Only retries (attempts > 0): a row an application scheduled for later stays scheduled. A
-# row goes to the transport by its own route ("a", "a+b") or, without one, by its command.
+# Only retries (attempts > 0) that no relay holds: a row an application scheduled for later
+# stays scheduled. Lane keys say which rows go to the transport.
 RELEASE_RETRIES = """
 UPDATE outbox.message AS m SET available_at = now()
 WHERE m.id IN (
     SELECT id FROM outbox.message
-    WHERE state = 'pending' AND available_at > now() AND attempts > 0
-      AND CASE WHEN coalesce(btrim(route), '') = '' THEN command = ANY(%(commands)s)
-               ELSE %(name)s IN (SELECT btrim(part)
-                                 FROM unnest(string_to_array(route, '+')) AS part) END
+    WHERE state = 'pending' AND available_at > now() AND attempts > 0 AND claim IS NULL
+      AND outbox.lane_key(route, command) = ANY(%(keys)s)
     ORDER BY available_at, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED)
 """
 
-NEXT_DUE = """
-SELECT extract(epoch FROM min(available_at) - now())::float8
-FROM outbox.message
-WHERE state = 'pending'
+# The defaults the schema gives rows inserted without a priority. ``outbox run`` replaces the
+# function when its settings name other defaults (OUTBOX_PRIORITY_<COMMAND>); rows already
+# in the table keep theirs.
+READ_DEFAULT_PRIORITIES = """
+SELECT c, outbox.default_priority(c) FROM unnest(%s::text[]) AS c
 """
 
+
+def define_default_priorities(priorities: dict[str, int]) -> str:
+    cases = "\n".join(f"        WHEN '{command}' THEN {int(value)}"
+                      for command, value in sorted(priorities.items())
+                      if command.replace("-", "").isalpha())
+    return f"""
+CREATE OR REPLACE FUNCTION outbox.default_priority(command text) RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT (CASE command
+{cases}
+        ELSE 5 END)::smallint
+$$
+"""
+
+
+def apply_default_priorities(connection: psycopg.Connection[Any],
+                             priorities: dict[str, int]) -> bool:
+    """Make the schema's per-command defaults ``priorities``; True when they changed."""
+    with connection.transaction():
+        current = dict(connection.execute(READ_DEFAULT_PRIORITIES,
+                                          (list(priorities),)).fetchall())
+        if all(current.get(command) == value for command, value in priorities.items()):
+            return False
+        connection.execute(define_default_priorities(priorities).encode())
+    return True
+
+
 INSERT_MESSAGE = """
-INSERT INTO outbox.message (command, data, dedup_key, route, available_at)
-VALUES (%s, %s, %s, %s, coalesce(%s, now()))
+INSERT INTO outbox.message (command, data, dedup_key, route, available_at, priority,
+                            ordering_key)
+VALUES (%s, %s, %s, %s, coalesce(%s, now()), %s, %s)
 ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
 RETURNING id
 """
@@ -117,8 +242,8 @@ RETURNING id
 # Without a dedup key there is nothing to conflict with: a plain INSERT spares the
 # speculative insertion ON CONFLICT sets up for every row.
 INSERT_MESSAGE_NO_DEDUP = """
-INSERT INTO outbox.message (command, data, route, available_at)
-VALUES (%s, %s, %s, coalesce(%s, now()))
+INSERT INTO outbox.message (command, data, route, available_at, priority, ordering_key)
+VALUES (%s, %s, %s, coalesce(%s, now()), %s, %s)
 RETURNING id
 """
 
@@ -177,12 +302,33 @@ class ClaimedRow(NamedTuple):
 
     id: int
     command: str
+    #: the row's jsonb as text: the relay decodes each row on its own, so that one value
+    #: its decoder refuses fails that row only (the in-memory store passes objects)
     data: Any
     route: str | None
     #: attempts made before this one
     attempts: int
     created_at: float
     expires_at: float | None
+    #: ``available_at`` before the lease: where the row goes back to if it is handed back
+    was_available_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """What one lane asks of the claim."""
+
+    #: the lane keys (``outbox.lane_key(route, command)``) of the rows it publishes
+    keys: Sequence[str]
+    limit: int
+    #: seconds the lease lasts unless extended
+    lease: float
+    #: the relay, for operators (``host:pid``)
+    owner: str
+    #: this claim's id: every record statement matches it
+    claim: int
+    #: seconds of waiting worth one priority level
+    aging: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,14 +369,16 @@ class StoredOtp:
 
 
 class StoreTransaction(Protocol):
-    def claim_batch(self, limit: int) -> list[ClaimedRow]: ...
-    def mark_sent(self, ids: Sequence[int]) -> None: ...
-    def schedule_retry(self, rows: Sequence[Rescheduled]) -> None: ...
-    def mark_failed(self, rows: Sequence[Outcome]) -> None: ...
-    def mark_expired(self, rows: Sequence[Outcome]) -> None: ...
-    def release_retries(self, transport: str, commands: Sequence[str], limit: int) -> int:
-        """Make up to ``limit`` rows waiting to retry on ``transport`` due now; return how many.
-        ``commands`` are those whose rows go to it when they name no route."""
+    def claim(self, request: ClaimRequest) -> list[ClaimedRow]: ...
+    def mark_sent(self, ids: Sequence[int], claim: int) -> None: ...
+    def schedule_retry(self, rows: Sequence[Rescheduled], claim: int) -> None: ...
+    def mark_failed(self, rows: Sequence[Outcome], claim: int) -> None: ...
+    def mark_expired(self, rows: Sequence[Outcome], claim: int) -> None: ...
+    def hand_back(self, rows: Sequence[ClaimedRow], claim: int) -> None:
+        """Claimed, not tried: back to their place in the queue, attempts untouched."""
+
+    def release_retries(self, keys: Sequence[str], limit: int) -> int:
+        """Make up to ``limit`` rows of these lane keys that wait to retry due now; how many."""
 
 
 @runtime_checkable
@@ -257,8 +405,15 @@ class Store(Protocol):
     def transaction(self) -> Any:
         """A context manager yielding a ``StoreTransaction``; commits on success."""
 
-    def next_due(self) -> float | None:
-        """Seconds until the earliest pending row is due (<= 0: now), None when none is pending."""
+    def next_due(self, keys: Sequence[str]) -> float | None:
+        """Seconds until the earliest pending row of these lane keys is due (<= 0: now);
+        None when none is pending."""
+
+    def extend_leases(self, claims: Sequence[int], lease: float) -> int:
+        """Push the leases of these claims ``lease`` seconds ahead; return the rows extended."""
+
+    def pending_lane_keys(self) -> list[str]:
+        """The distinct lane keys of pending rows."""
 
     def close(self) -> None: ...
 
@@ -268,32 +423,38 @@ class PostgresTransaction:
         self._cursor = connection.cursor()
         self._blank_texts = blank_texts
 
-    def claim_batch(self, limit: int) -> list[ClaimedRow]:
-        self._cursor.execute(CLAIM_BATCH, (limit,))
+    def claim(self, request: ClaimRequest) -> list[ClaimedRow]:
+        self._cursor.execute(CLAIM, {
+            "keys": list(request.keys), "limit": request.limit, "lease": request.lease,
+            "owner": request.owner, "claim": request.claim, "aging": request.aging})
         return list(map(ClaimedRow._make, self._cursor.fetchall()))
 
-    def mark_sent(self, ids: Sequence[int]) -> None:
+    def mark_sent(self, ids: Sequence[int], claim: int) -> None:
         if ids:
             self._cursor.execute(MARK_SENT_BLANKING_TEXTS if self._blank_texts else MARK_SENT,
-                                 (list(ids),))
+                                 (list(ids), claim))
 
-    def schedule_retry(self, rows: Sequence[Rescheduled]) -> None:
+    def schedule_retry(self, rows: Sequence[Rescheduled], claim: int) -> None:
         if rows:
             self._cursor.execute(SCHEDULE_RETRY, ([r.id for r in rows], [r.at for r in rows],
-                                                  [r.reason[:2000] for r in rows]))
+                                                  [r.reason[:2000] for r in rows], claim))
 
-    def mark_failed(self, rows: Sequence[Outcome]) -> None:
+    def mark_failed(self, rows: Sequence[Outcome], claim: int) -> None:
         if rows:
-            self._cursor.execute(MARK_FAILED, _outcome_columns(rows))
+            self._cursor.execute(MARK_FAILED, (*_outcome_columns(rows), claim))
 
-    def mark_expired(self, rows: Sequence[Outcome]) -> None:
+    def mark_expired(self, rows: Sequence[Outcome], claim: int) -> None:
         if rows:
             self._cursor.execute(MARK_EXPIRED_BLANKING_TEXTS if self._blank_texts
-                                 else MARK_EXPIRED, _outcome_columns(rows))
+                                 else MARK_EXPIRED, (*_outcome_columns(rows), claim))
 
-    def release_retries(self, transport: str, commands: Sequence[str], limit: int) -> int:
-        self._cursor.execute(RELEASE_RETRIES,
-                             {"name": transport, "commands": list(commands), "limit": limit})
+    def hand_back(self, rows: Sequence[ClaimedRow], claim: int) -> None:
+        if rows:
+            self._cursor.execute(HAND_BACK, ([r.id for r in rows],
+                                             [r.was_available_at for r in rows], claim))
+
+    def release_retries(self, keys: Sequence[str], limit: int) -> int:
+        self._cursor.execute(RELEASE_RETRIES, {"keys": list(keys), "limit": limit})
         return self._cursor.rowcount
 
     def find_otp_key(self, reference: str, message_id: int) -> str | None:
@@ -338,20 +499,26 @@ class PostgresStore:
     def __init__(self, connection: psycopg.Connection[Any], *, blank_texts: bool = False) -> None:
         self.connection = connection
         self._blank_texts = blank_texts
-        # The claim decodes every row's jsonb: orjson does it ~6x faster than json.loads.
-        # Set on this connection only, never globally: the application's own psycopg use
-        # keeps its configuration.
-        set_json_loads(orjson.loads, connection)
 
     @contextmanager
     def transaction(self) -> Iterator[PostgresTransaction]:
         with self.connection.transaction():
             yield PostgresTransaction(self.connection, blank_texts=self._blank_texts)
 
-    def next_due(self) -> float | None:
+    def next_due(self, keys: Sequence[str]) -> float | None:
         with self.connection.transaction():
-            row = self.connection.execute(NEXT_DUE).fetchone()
+            row = self.connection.execute(NEXT_DUE, {"keys": list(keys)}).fetchone()
         return None if row is None or row[0] is None else float(row[0])
+
+    def extend_leases(self, claims: Sequence[int], lease: float) -> int:
+        with self.connection.transaction():
+            cursor = self.connection.execute(EXTEND_LEASES, {"claims": list(claims),
+                                                             "lease": lease})
+        return cursor.rowcount
+
+    def pending_lane_keys(self) -> list[str]:
+        with self.connection.transaction():
+            return [str(row[0]) for row in self.connection.execute(PENDING_LANE_KEYS)]
 
     def close(self) -> None:
         self.connection.close()
@@ -365,12 +532,17 @@ def insert_message(
     dedup_key: str | None,
     route: str | None,
     available_at: Any,
+    priority: int | None = None,
+    ordering_key: str | None = None,
 ) -> int:
-    """INSERT one row through a DB-API cursor; with a used ``dedup_key``, the existing id."""
+    """INSERT one row through a DB-API cursor; with a used ``dedup_key``, the existing id.
+    ``priority`` and ``ordering_key`` left None take the command's defaults."""
     if dedup_key is None:
-        cursor.execute(INSERT_MESSAGE_NO_DEDUP, (command, Jsonb(data), route, available_at))
+        cursor.execute(INSERT_MESSAGE_NO_DEDUP, (command, Jsonb(data), route, available_at,
+                                                 priority, ordering_key))
     else:
-        cursor.execute(INSERT_MESSAGE, (command, Jsonb(data), dedup_key, route, available_at))
+        cursor.execute(INSERT_MESSAGE, (command, Jsonb(data), dedup_key, route, available_at,
+                                        priority, ordering_key))
     row = cursor.fetchone()
     if row is None:
         cursor.execute(SELECT_ID_BY_DEDUP_KEY, (dedup_key,))
@@ -380,6 +552,8 @@ def insert_message(
 
 __all__ = [
     "CHANNEL",
+    "LOWEST_PRIORITY",
+    "ClaimRequest",
     "ClaimedRow",
     "IssuedOtp",
     "OtpStoreTransaction",
@@ -390,5 +564,6 @@ __all__ = [
     "Store",
     "StoreTransaction",
     "StoredOtp",
+    "apply_default_priorities",
     "insert_message",
 ]

@@ -8,6 +8,7 @@ tests drive the relay loop with both.
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -17,9 +18,14 @@ from typing import Any
 
 from outbox.commands import validate
 from outbox.errors import PublishError
-from outbox.settings import route_names
-from outbox.store import ClaimedRow, IssuedOtp, Outcome, Rescheduled, StoredOtp
+from outbox.settings import DEFAULT_PRIORITIES
+from outbox.store import ClaimedRow, ClaimRequest, IssuedOtp, Outcome, Rescheduled, StoredOtp
 from outbox.transports.base import Envelope, Failures, TransportOptions
+
+
+def lane_key(route: str | None, command: str) -> str:
+    """``outbox.lane_key(route, command)``: the row's route trimmed, or ``@command``."""
+    return f"@{command}" if route is None or not route.strip() else route.strip()
 
 
 class MemoryTransport:
@@ -76,6 +82,10 @@ class MemoryRow:
     created_at: float = 0.0
     sent_at: float | None = None
     last_error: str | None = None
+    priority: int = 5
+    ordering_key: str | None = None
+    claimed_by: str | None = None
+    claim: int | None = None
 
 
 @dataclass
@@ -111,7 +121,8 @@ class MemoryStore:
 
     def insert(self, command: str, data: Any, *, route: str | None = None,
                dedup_key: str | None = None, available_at: float | None = None,
-               expires_at: float | None = None, created_at: float | None = None) -> int:
+               expires_at: float | None = None, created_at: float | None = None,
+               priority: int | None = None, ordering_key: str | None = None) -> int:
         now = self.clock()
         if self.validate_on_insert:
             command = validate(command, data, now=now)
@@ -121,9 +132,15 @@ class MemoryStore:
                     return row.id
         if expires_at is None and isinstance(data, dict) and data.get("expiration") is not None:
             expires_at = float(data["expiration"])
+        if priority is None:
+            priority = DEFAULT_PRIORITIES.get(command, 5)
+        if ordering_key is None and command in ("block-msisdn", "unblock-msisdn") \
+                and isinstance(data, dict) and isinstance(data.get("receiver"), str):
+            ordering_key = "msisdn:" + data["receiver"].strip().lstrip("+")
         row = MemoryRow(next(self._ids), command, data, route, dedup_key,
                         available_at=now if available_at is None else available_at,
-                        expires_at=expires_at, created_at=now if created_at is None else created_at)
+                        expires_at=expires_at, created_at=now if created_at is None else created_at,
+                        priority=priority, ordering_key=ordering_key or None)
         self.rows[row.id] = row
         return row.id
 
@@ -139,9 +156,23 @@ class MemoryStore:
                 self.rows, self.otps = snapshot, otps
                 raise
 
-    def next_due(self) -> float | None:
-        pending = [row.available_at for row in self.rows.values() if row.state == "pending"]
+    def next_due(self, keys: Sequence[str]) -> float | None:
+        wanted = set(keys)
+        pending = [row.available_at for row in self.rows.values()
+                   if row.state == "pending" and lane_key(row.route, row.command) in wanted]
         return min(pending) - self.clock() if pending else None
+
+    def extend_leases(self, claims: Sequence[int], lease: float) -> int:
+        with self._lock:
+            rows = [row for row in self.rows.values()
+                    if row.state == "pending" and row.claim in set(claims)]
+            for row in rows:
+                row.available_at = self.clock() + lease
+            return len(rows)
+
+    def pending_lane_keys(self) -> list[str]:
+        return sorted({lane_key(row.route, row.command) for row in self.rows.values()
+                       if row.state == "pending"})
 
     def close(self) -> None:
         return None
@@ -154,52 +185,82 @@ class _MemoryTransaction:
     def __init__(self, store: MemoryStore) -> None:
         self.store = store
 
-    def claim_batch(self, limit: int) -> list[ClaimedRow]:
+    def claim(self, request: ClaimRequest) -> list[ClaimedRow]:
+        """The rules of ``outbox.store.CLAIM``: lane keys, rank by priority and aging,
+        ordering keys, a lease."""
         now = self.store.clock()
-        due = sorted((row for row in self.store.rows.values()
-                      if row.state == "pending" and row.available_at <= now),
-                     key=lambda row: (row.available_at, row.id))[:limit]
-        return [ClaimedRow(row.id, row.command, row.data, row.route, row.attempts,
-                           row.created_at, row.expires_at) for row in due]
+        keys = set(request.keys)
+        pending = [row for row in self.store.rows.values() if row.state == "pending"]
+        blocked: set[int] = set()
+        first_of_key: dict[str, int] = {}
+        for row in sorted(pending, key=lambda r: r.id):
+            if row.ordering_key is not None:
+                if row.ordering_key in first_of_key:
+                    blocked.add(row.id)
+                else:
+                    first_of_key[row.ordering_key] = row.id
+        due = sorted((row for row in pending
+                      if row.available_at <= now and row.id not in blocked
+                      and lane_key(row.route, row.command) in keys),
+                     key=lambda row: (row.available_at + row.priority * request.aging, row.id))
+        claimed = []
+        for row in due[:request.limit]:
+            # as text, like the database's claim: the relay decodes each row on its own
+            claimed.append(ClaimedRow(row.id, row.command, json.dumps(row.data), row.route,
+                                      row.attempts, row.created_at, row.expires_at,
+                                      row.available_at))
+            row.available_at = now + request.lease
+            row.claimed_by, row.claim = request.owner, request.claim
+        return claimed
 
-    def mark_sent(self, ids: Sequence[int]) -> None:
-        for message_id in ids:
-            row = self.store.rows[message_id]
+    def _held(self, ids: Sequence[int], claim: int) -> list[MemoryRow]:
+        return [row for message_id in ids
+                if (row := self.store.rows[message_id]).claim == claim and row.state == "pending"]
+
+    def mark_sent(self, ids: Sequence[int], claim: int) -> None:
+        for row in self._held(ids, claim):
             row.state, row.sent_at, row.last_error = "sent", self.store.clock(), None
             row.attempts += 1
+            row.claimed_by = row.claim = None
 
-    def schedule_retry(self, rows: Sequence[Rescheduled]) -> None:
-        for item in rows:
-            row = self.store.rows[item.id]
+    def schedule_retry(self, rows: Sequence[Rescheduled], claim: int) -> None:
+        at = {item.id: item for item in rows}
+        for row in self._held(list(at), claim):
             row.attempts += 1
-            row.available_at, row.last_error = item.at, item.reason
+            row.available_at, row.last_error = at[row.id].at, at[row.id].reason
+            row.claimed_by = row.claim = None
 
-    def mark_failed(self, rows: Sequence[Outcome]) -> None:
-        self._finish(rows, "failed")
+    def mark_failed(self, rows: Sequence[Outcome], claim: int) -> None:
+        self._finish(rows, "failed", claim)
 
-    def mark_expired(self, rows: Sequence[Outcome]) -> None:
-        self._finish(rows, "expired")
+    def mark_expired(self, rows: Sequence[Outcome], claim: int) -> None:
+        self._finish(rows, "expired", claim)
 
-    def release_retries(self, transport: str, commands: Sequence[str], limit: int) -> int:
+    def hand_back(self, rows: Sequence[ClaimedRow], claim: int) -> None:
+        was = {row.id: row.was_available_at for row in rows}
+        for row in self._held(list(was), claim):
+            row.available_at = was[row.id]
+            row.claimed_by = row.claim = None
+
+    def release_retries(self, keys: Sequence[str], limit: int) -> int:
         now = self.store.clock()
-
-        def goes_there(row: MemoryRow) -> bool:
-            route = (row.route or "").strip()
-            return transport in route_names(route) if route else row.command in commands
-
+        wanted = set(keys)
         waiting = sorted((row for row in self.store.rows.values()
                           if row.state == "pending" and row.available_at > now
-                          and row.attempts > 0 and goes_there(row)),
+                          and row.attempts > 0 and row.claim is None
+                          and lane_key(row.route, row.command) in wanted),
                          key=lambda row: (row.available_at, row.id))[:limit]
         for row in waiting:
             row.available_at = now
         return len(waiting)
 
-    def _finish(self, rows: Sequence[Outcome], state: str) -> None:
-        for item in rows:
-            row = self.store.rows[item.id]
+    def _finish(self, rows: Sequence[Outcome], state: str, claim: int) -> None:
+        outcomes = {item.id: item for item in rows}
+        for row in self._held(list(outcomes), claim):
+            item = outcomes[row.id]
             row.state, row.last_error = state, item.reason
             row.attempts += item.attempted
+            row.claimed_by = row.claim = None
 
     # -- managed OTPs: the same rules as the statements in outbox.store -------------------
 

@@ -49,6 +49,9 @@ _SCHEMES: Mapping[str, tuple[str, str, OtpMode]] = {
 
 SCHEMES = tuple(_SCHEMES)
 
+#: seconds a REST device may take to answer unless the URL says ``timeout=``
+DEVICE_TIMEOUT = 60.0
+
 
 def transport_options(url: str, settings: Settings) -> tuple[str, TransportOptions]:
     scheme = urlsplit(url).scheme.lower()
@@ -57,7 +60,12 @@ def transport_options(url: str, settings: Settings) -> tuple[str, TransportOptio
             f"unknown transport scheme {scheme!r} in {mask_url(url)!r} "
             f"(expected one of: {', '.join(SCHEMES)})"
         )
-    return split_url(url, default_otp=_SCHEMES[scheme][2], timeout=settings.publish_timeout)
+    timeout = settings.publish_timeout
+    if scheme in ("http", "https"):
+        # OTP-Pi answers a send-sms once its modem sent it: seconds, at times well over ten.
+        # A reply that comes after the timeout is a possible duplicate (the row is retried).
+        timeout = max(timeout, DEVICE_TIMEOUT)
+    return split_url(url, default_otp=_SCHEMES[scheme][2], timeout=timeout)
 
 
 def open_transport(name: str, url: str, settings: Settings) -> Transport:
@@ -92,6 +100,7 @@ def validate_transports(settings: Settings) -> None:
 
 
 __all__ = [
+    "DEVICE_TIMEOUT",
     "SCHEMES",
     "Envelope",
     "Failures",

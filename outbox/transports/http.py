@@ -42,9 +42,11 @@ import httpx
 from outbox.commands import CREATE_OTP, SEND_EMAIL, SEND_SMS
 from outbox.errors import (
     ConfigurationError,
+    NotTried,
     PermanentPublishError,
     PublishError,
     TransientPublishError,
+    Unreachable,
 )
 from outbox.transports.base import Envelope, Failures, TransportOptions
 
@@ -89,7 +91,7 @@ class HttpTransport:
 
     def publish(self, batch: Sequence[Envelope]) -> Failures:
         failures: Failures = {}
-        unreachable: TransientPublishError | None = None
+        unreachable: NotTried | None = None
         for envelope in batch:  # the device answers one request at a time
             if unreachable is not None:
                 # Do not wait out one timeout per row while the batch holds its row locks.
@@ -99,7 +101,7 @@ class HttpTransport:
                 reply = self._post(envelope.body, idempotency_key=str(envelope.id))
                 classify(envelope, reply)
             except _UnreachableError as exc:
-                unreachable = TransientPublishError(f"not tried: {exc}")
+                unreachable = NotTried(f"not tried: {exc}")
                 failures[envelope.id] = exc
             except PublishError as exc:
                 failures[envelope.id] = exc
@@ -149,7 +151,7 @@ class HttpTransport:
         return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
-class _UnreachableError(TransientPublishError):
+class _UnreachableError(Unreachable):
     """A timeout or a refused connection: the rest of the batch is not tried."""
 
 

@@ -71,7 +71,7 @@ def test_a_failed_publish_schedules_a_durable_retry(conn: psycopg.Connection[Any
         before = time.time()
         assert relay.process_batch().retried == 1
         assert relay.process_batch().claimed == 0  # not due yet
-        due = relay.store.next_due()
+        due = relay.store.next_due(relay.lane.key_list())
     finally:
         relay.store.close()
     state, attempts, delay, error = conn.execute(
@@ -90,8 +90,8 @@ def test_permanent_failures_expiry_and_poison_rows_do_not_block_good_rows(
     conn.execute("UPDATE outbox.message SET expires_at = now() - interval '1 second' "
                  "WHERE id = %s", (expired,))
     conn.execute("SET session_replication_role = replica")  # bypass the insert checks
-    poison = conn.execute("INSERT INTO outbox.message (command, data) VALUES "
-                          "('send-sms', '\"not an object\"') RETURNING id").fetchone()[0]  # type: ignore[index]
+    poison = conn.execute("INSERT INTO outbox.message (command, data, priority) VALUES "
+                          "('send-sms', '\"not an object\"', 5) RETURNING id").fetchone()[0]  # type: ignore[index]
     conn.execute("SET session_replication_role = origin")
 
     def refuse(envelope: Envelope) -> PublishError | None:
@@ -112,30 +112,40 @@ def test_permanent_failures_expiry_and_poison_rows_do_not_block_good_rows(
     assert expired not in [e.id for e in transport.attempts]
 
 
-def test_a_batch_rolled_back_mid_way_is_published_again(conn: psycopg.Connection[Any],
-                                                         clean_db: str) -> None:
-    """A crash between publishing and recording: at-least-once, never lost."""
+def test_a_claim_abandoned_mid_way_is_published_again_once_its_lease_runs_out(
+        conn: psycopg.Connection[Any], clean_db: str) -> None:
+    """A crash between publishing and recording: at-least-once, never lost. The rows stay
+    leased to the crashed relay until the lease runs out, then any relay takes them."""
     ids = insert_sms(conn, 3)
+    settings = Settings(transports={"default": "memory://"}, claim_timeout=1.0)
 
     class Crashing(MemoryTransport):
         def publish(self, batch: Any) -> Any:
             super().publish(batch)
-            raise KeyboardInterrupt  # not a PublishError: escapes, the transaction rolls back
+            raise KeyboardInterrupt  # not a PublishError: escapes before anything is recorded
 
-    relay = make_relay(clean_db, Crashing())
+    relay = make_relay(clean_db, Crashing(), settings)
     try:
         with pytest.raises(KeyboardInterrupt):
             relay.process_batch()
     finally:
         relay.store.close()
     assert rows_by_state(conn) == {"pending": 3}
+    leased = conn.execute("SELECT count(*) FROM outbox.message WHERE claim IS NOT NULL "
+                          "AND available_at > now()").fetchone()
+    assert leased == (3,)
     transport = MemoryTransport()
-    relay = make_relay(clean_db, transport)
+    relay = make_relay(clean_db, transport, settings)
     try:
-        relay.process_batch()
+        assert relay.process_batch().claimed == 0  # still leased to the crashed relay
+        deadline = time.monotonic() + 30
+        while relay.process_batch().claimed == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        while relay.process_batch().claimed:
+            pass
     finally:
         relay.store.close()
-    assert [e.id for e in transport.delivered] == ids
+    assert sorted(e.id for e in transport.delivered) == ids
     assert rows_by_state(conn) == {"sent": 3}
 
 
@@ -274,26 +284,31 @@ def test_release_retries_picks_the_rows_waiting_for_that_transport(
 
     by_command = row("send-sms", None, attempts=2, due_in="5 minutes")
     empty_route = row("send-sms", " ", attempts=1, due_in="5 minutes")
-    fanned = row("block-msisdn", "other + broker", attempts=1, due_in="5 minutes")
-    named = row("block-msisdn", "broker", attempts=3, due_in="9 minutes")
-    other_command = row("block-msisdn", None, attempts=1, due_in="5 minutes")
+    spaced = row("block-msisdn", " broker ", attempts=1, due_in="5 minutes")
+    named = row("block-msisdn", "broker", attempts=3, due_in="9 minutes", receiver="+6281239")
+    fanned = row("block-msisdn", "other + broker", attempts=1, due_in="5 minutes",
+                 receiver="+6281230")
+    other_command = row("block-msisdn", None, attempts=1, due_in="5 minutes",
+                        receiver="+6281231")
     other_route = row("send-sms", "other", attempts=1, due_in="5 minutes")
     scheduled_by_the_app = row("send-sms", None, attempts=0, due_in="1 hour")
     already_due = row("send-sms", None, attempts=1, due_in="-1 minute")
-    released = {by_command, empty_route, fanned, named}
+    released = {by_command, empty_route, spaced, named}
+    # the broker lane's keys: send-sms without a route of its own, and "broker" itself
+    keys = ["@send-sms", "broker"]
 
     store = PostgresStore(psycopg.connect(clean_db))
     try:
         with store.transaction() as tx:
-            assert tx.release_retries("broker", ["send-sms"], limit=3) == 3
-            assert tx.release_retries("broker", ["send-sms"], limit=3) == 1
-            assert tx.release_retries("broker", ["send-sms"], limit=3) == 0
+            assert tx.release_retries(keys, limit=3) == 3
+            assert tx.release_retries(keys, limit=3) == 1
+            assert tx.release_retries(keys, limit=3) == 0
     finally:
         store.close()
     due = {int(r[0]) for r in conn.execute(
         "SELECT id FROM outbox.message WHERE available_at <= now()")}
     assert due == released | {already_due}
-    assert not due & {other_command, other_route, scheduled_by_the_app}
+    assert not due & {other_command, other_route, scheduled_by_the_app, fanned}
 
 
 def test_a_broker_back_from_an_outage_gets_its_retries_at_once(clean_db: str) -> None:

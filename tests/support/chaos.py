@@ -38,7 +38,8 @@ class Relay:
     """
 
     def __init__(self, database_url: str, transport_url: str, *, log: Path,
-                 batch_size: int = 100) -> None:
+                 batch_size: int = 100, env: dict[str, str] | None = None,
+                 route_all: bool = False) -> None:
         self.name = f"chaos{uuid.uuid4().hex[:8]}"
         self.log = log
         self.env = {key: value for key, value in os.environ.items()
@@ -55,6 +56,11 @@ class Relay:
             "OUTBOX_LOG_FORMAT": "json",
             "OUTBOX_POLL_INTERVAL": "0.5",
         })
+        if route_all:  # every command to the transport under test, not only send-sms
+            self.env["OUTBOX_TRANSPORT"] = transport_url
+            del self.env[f"OUTBOX_TRANSPORT_{self.name.upper()}"]
+            del self.env["OUTBOX_ROUTE_SEND_SMS"]
+        self.env.update(env or {})
         self.batch_size = batch_size
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -71,6 +77,15 @@ class Relay:
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def freeze(self) -> None:
+        """SIGSTOP: the process holds whatever it holds and answers nothing."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         assert self.process is not None

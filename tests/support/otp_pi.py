@@ -40,6 +40,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import random
 import re
 import secrets
 import socket
@@ -148,6 +149,12 @@ class OtpPi:
     expiration_offset: float = 30.0
     #: every request gets this fault (unless a queued one applies)
     fault: Fault | None = None
+    #: seconds the modem takes per send-sms (the device answers once the SMS is out, and
+    #: serves one request at a time)
+    sms_seconds: float = 0.0
+    #: share of requests answered 503 without processing (a flaky device), drawn from ``rng``
+    transient_ratio: float = 0.0
+    rng: random.Random = field(default_factory=lambda: random.Random(7))
     #: the device's clock, Unix seconds; tests may shift it to expire OTPs
     clock: Callable[[], float] = time.time
 
@@ -228,7 +235,11 @@ class OtpPi:
 
     def take_fault(self) -> Fault | None:
         with self._lock:
-            return self._faults.popleft() if self._faults else self.fault
+            if self._faults:
+                return self._faults.popleft()
+            if self.transient_ratio and self.rng.random() < self.transient_ratio:
+                return Fault.http_status(503)
+            return self.fault
 
     def authorized(self, header: str | None) -> bool:
         if not header or not header.startswith("Basic "):
@@ -270,6 +281,8 @@ class OtpPi:
             }.get(command)
             if handler is None:
                 return {}, False
+            if command == "send-sms" and self.sms_seconds:
+                self.sleep(self.sms_seconds)
             return handler(command, data)
 
     def _now_ms(self) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from outbox.errors import PermanentPublishError, PublishError, TransientPublishError
-from outbox.relay import Relay
+from outbox.relay import UNROUTABLE, Lane, Relay, configured_lanes
 from outbox.settings import Settings
 from outbox.testing import MemoryStore, MemoryTransport
 from outbox.transports.base import Envelope, OtpMode, TransportOptions
@@ -144,6 +144,7 @@ def test_create_otp_without_expiration_expires_after_the_otp_ttl() -> None:
 
 def test_a_poison_row_fails_with_a_reason_and_does_not_block_the_others() -> None:
     relay, store, _ = make()
+    relay.lane.add_key("@send-fax")  # the service files such a key under the unroutable lane
     store.validate_on_insert = False
     good_before = store.insert("send-sms", sms(1))
     poison = store.insert("send-sms", {"receiver": "not a number", "message": "x"})
@@ -163,10 +164,16 @@ def test_a_transport_that_raises_for_the_whole_batch_gets_every_row_retried() ->
         def publish(self, batch: Any) -> Any:
             raise TransientPublishError("connection reset")
 
-    relay, store, _ = make(default=Broken())
-    ids = [store.insert("send-sms", sms(n)) for n in range(3)]
-    assert relay.process_batch().retried == 3
-    assert {store.rows[i].last_error for i in ids} == {"connection reset"}
+    relay, store, clock = make(default=Broken())
+    ids = [store.insert("send-sms", sms(n), available_at=clock.now - 10 + n) for n in range(3)]
+    report = relay.process_batch()
+    # The first row was tried and waits to retry; the others were never offered to the
+    # broker: they go back to their place with their attempts untouched.
+    assert (report.retried, report.handed_back) == (1, 2)
+    assert store.rows[ids[0]].last_error == "connection reset"
+    assert [(store.rows[i].attempts, store.rows[i].available_at) for i in ids[1:]] == [
+        (0, clock.now - 9), (0, clock.now - 8)]
+    assert relay.outage == 1
 
 
 def test_an_unexpected_exception_in_a_transport_is_retried_not_lost() -> None:
@@ -197,6 +204,7 @@ def test_routes_send_each_command_to_its_transport() -> None:
 
 def test_a_row_routed_to_a_missing_transport_fails_with_the_name() -> None:
     relay, store, _ = make()
+    relay.lane = Lane(UNROUTABLE, (), {"nowhere"})
     message_id = store.insert("send-sms", sms(), route="nowhere")
     relay.process_batch()
     row = store.rows[message_id]
@@ -214,6 +222,7 @@ def test_explicit_fan_out_publishes_to_both_and_retries_both_until_both_confirm(
     a, b = MemoryTransport("a"), MemoryTransport("b", fail=fail_once)
     settings = Settings(transports={"default": "memory://", "a": "memory://", "b": "memory://"})
     relay, store, clock = make(settings, default=a, a=a, b=b)
+    relay.lane = Lane("a+b", ("a", "b"), {"a+b"})
     message_id = store.insert("send-sms", sms(), route="a+b")
     assert relay.process_batch().retried == 1
     clock.now += 10
@@ -267,17 +276,16 @@ def test_a_transport_back_from_an_outage_releases_the_rows_waiting_to_retry() ->
     down = True
     broker = MemoryTransport("broker", fail=lambda e: TransientPublishError("refused")
                              if down else None)
-    other = MemoryTransport("other", fail=lambda e: TransientPublishError("still down"))
-    settings = Settings(transports={"default": "memory://", "broker": "memory://",
-                                    "other": "memory://"},
-                        routes={"send-sms": "broker", "block-msisdn": "other"},
-                        backoff_base=300.0, backoff_max=600.0)
-    relay, store, clock = make(settings, default=other, broker=broker, other=other)
+    settings = Settings(transports={"default": "memory://", "broker": "memory://"},
+                        routes={"send-sms": "broker"}, backoff_base=300.0, backoff_max=600.0)
+    relay, store, clock = make(settings, broker=broker)
+    relay.lane = configured_lanes(settings)["broker"]
+    elsewhere = store.insert("block-msisdn", {"receiver": "0812346"})  # another lane
     waiting = [store.insert("send-sms", sms(n)) for n in range(3)]
-    fanned = store.insert("block-msisdn", {"receiver": "0812345"}, route="other + broker")
-    elsewhere = store.insert("block-msisdn", {"receiver": "0812346"})  # default: "other"
-    relay.process_batch()  # the broker is down: every row goes back with a long backoff
-    assert all(store.rows[i].available_at > clock.now + 60 for i in [*waiting, elsewhere])
+    named = store.insert("send-sms", sms(5), route=" broker ")
+    for _ in range(3):
+        relay.process_batch()  # the broker is down: every row tried waits a long backoff
+    assert all(store.rows[i].available_at > clock.now + 60 for i in [*waiting, named])
     later = store.insert("send-sms", sms(7), available_at=clock.now + 3600)  # the app's own
 
     down = False
@@ -285,10 +293,10 @@ def test_a_transport_back_from_an_outage_releases_the_rows_waiting_to_retry() ->
     fresh = store.insert("send-sms", sms(8))
     report = relay.process_batch()  # the broker delivers again
     assert report.sent == 1 and broker.delivered[-1].id == fresh
-    for message_id in [*waiting, fanned]:  # due now, not in five minutes
+    for message_id in [*waiting, named]:  # due now, not in five minutes
         assert store.rows[message_id].available_at == clock.now
-    assert store.rows[elsewhere].available_at > clock.now + 60  # its transport is still down
     assert store.rows[later].available_at == clock.now + 3595  # never tried: stays scheduled
+    assert store.rows[elsewhere].state == "pending"  # not this lane's
 
     relay.process_batch()
     assert {store.rows[i].state for i in waiting} == {"sent"}
