@@ -20,7 +20,7 @@ the batch commits.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -99,6 +99,26 @@ class TableHealth:
 
 
 @dataclass(frozen=True)
+class RelayClaims:
+    """The rows one relay holds leased."""
+
+    relay: str
+    rows: int
+    #: rows whose lease ran out before the relay recorded them (frozen, crashed, cut off)
+    expired: int
+    #: how long ago the oldest of those leases ran out (0 when none has)
+    expired_for_seconds: float
+
+
+@dataclass(frozen=True)
+class HeldKeys:
+    """Ordering keys whose first row waits out a retry, holding back the rows behind it."""
+
+    keys: int
+    rows_behind: int
+
+
+@dataclass(frozen=True)
 class Status:
     counts: Mapping[str, int | None]
     #: the states whose count is the planner's estimate, not a count
@@ -107,6 +127,10 @@ class Status:
     rate: SendRate
     table: TableHealth
     measured_at: datetime
+    #: pending rows by priority (0 most urgent)
+    priorities: Mapping[int, int] = field(default_factory=dict)
+    claims: tuple[RelayClaims, ...] = ()
+    held_keys: HeldKeys = HeldKeys(0, 0)
 
     @property
     def oldest_pending_age_seconds(self) -> float | None:
@@ -123,6 +147,11 @@ class Status:
             "rate": asdict(self.rate),
             "table": asdict(self.table),
             "measured_at": self.measured_at.isoformat(),
+            "pending_by_priority": {str(p): n for p, n in self.priorities.items()},
+            "claims": {c.relay: {"rows": c.rows, "expired": c.expired,
+                                 "expired_for_seconds": c.expired_for_seconds}
+                       for c in self.claims},
+            "held_ordering_keys": asdict(self.held_keys),
         }
 
 
@@ -155,6 +184,10 @@ def read_status(connection: psycopg.Connection[Any], settings: Settings) -> Stat
         terminal, estimated = _terminal_counts(connection)
         rate = _send_rate(connection)
         table = _table_health(connection)
+        priorities = {int(p): int(n) for p, n in connection.execute(sql.PENDING_BY_PRIORITY)}
+        claims = tuple(RelayClaims(str(relay), int(rows), int(expired), max(float(age or 0), 0.0))
+                       for relay, rows, expired, age in connection.execute(sql.CLAIMS_BY_RELAY))
+        held = connection.execute(sql.HELD_ORDERING_KEYS).fetchone()
         measured_at = connection.execute(sql.SERVER_NOW).fetchone()
     counts: dict[str, int | None] = {
         "pending": sum(route.pending for route in routes.values()),
@@ -162,7 +195,8 @@ def read_status(connection: psycopg.Connection[Any], settings: Settings) -> Stat
         **terminal,
     }
     return Status(counts, estimated, tuple(routes.values()), rate, table,
-                  measured_at[0] if measured_at else datetime.now(UTC))
+                  measured_at[0] if measured_at else datetime.now(UTC), priorities, claims,
+                  HeldKeys(int(held[0]), int(held[1])) if held else HeldKeys(0, 0))
 
 
 def _terminal_counts(connection: psycopg.Connection[Any]) -> tuple[dict[str, int | None],

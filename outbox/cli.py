@@ -113,6 +113,11 @@ def _add_enqueue(commands: Subparsers) -> None:
     enqueue.add_argument("--data", help="the whole data object as JSON (other options add to it)")
     enqueue.add_argument("--dedup-key")
     enqueue.add_argument("--route")
+    enqueue.add_argument("--priority", type=int,
+                         help="0 (most urgent) to 9; default: the command's (create-otp 0, "
+                              "block/unblock 2, send-sms/send-email 5)")
+    enqueue.add_argument("--ordering-key",
+                         help="rows with the same key are published one after another")
     enqueue.set_defaults(handler=cmd_enqueue)
 
 
@@ -323,7 +328,8 @@ def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
     url = db.resolve_database_url(settings)
     with db.connect(url) as connection:
         message_id = enqueue(connection, args.command, data, dedup_key=args.dedup_key,
-                             route=args.route)
+                             route=args.route, priority=args.priority,
+                             ordering_key=args.ordering_key)
     print(message_id)
     return EXIT_OK
 
@@ -349,6 +355,19 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             right=[1, 2, 3, 4]))
     else:
         print("no pending rows")
+    if status.priorities:
+        print("pending by priority (0 most urgent): " + ", ".join(
+            f"{priority}: {count:,}" for priority, count in status.priorities.items()))
+    if status.claims:
+        print()
+        print(console.table(
+            ["relay", "claimed", "lease ran out"],
+            [[c.relay, f"{c.rows:,}",
+              f"{c.expired:,} ({console.age(c.expired_for_seconds)} ago)" if c.expired else "0"]
+             for c in status.claims], right=[1, 2]))
+    if status.held_keys.keys:
+        print(f"ordering keys held back by a retry: {status.held_keys.keys:,} "
+              f"({status.held_keys.rows_behind:,} rows behind them)")
     rate = status.rate
     print(f"\nsent in the last {console.age(rate.window_seconds)}: {rate.sent:,} "
           f"({rate.per_second:,.1f}/s)")

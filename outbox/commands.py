@@ -323,7 +323,8 @@ def encode(payload: Mapping[str, Any]) -> bytes:
         body = orjson.dumps(payload)
     except orjson.JSONEncodeError:
         body = b"\x80"  # not ASCII: take the exact path below
-    if body.isascii():
+    # DEL is ASCII, but the standard library escapes it (\u007f) and orjson does not
+    if body.isascii() and b"\x7f" not in body:
         return body
     return _ENCODER.encode(payload).encode("ascii")
 

@@ -8,7 +8,9 @@ none of them gets slower as sent rows pile up:
 ==============================  ===================================================
 index                           read by
 ==============================  ===================================================
-``message_pending_claim``       pending rows per route, oldest pending age
+``message_claim``               pending rows per route and priority, oldest pending age
+``message_claimed``             rows leased to each relay, leases that ran out
+``message_ordering``            ordering keys held back by a retry
 ``message_failed_created``      failed counts, listing, retry, discard, failed purge
 ``message_terminal_created``    purge of sent and expired rows
 ``message_sent_at``             the rate of the last minutes
@@ -43,6 +45,46 @@ GROUP BY route, command
 """
 
 COUNT_FAILED = "SELECT count(*)::bigint FROM outbox.message WHERE state = 'failed'"
+
+# Pending rows by priority (0 most urgent): reads the pending rows as PENDING_BY_ROUTE does.
+PENDING_BY_PRIORITY = """
+SELECT priority, count(*)::bigint
+FROM outbox.message
+WHERE state = 'pending'
+GROUP BY priority
+ORDER BY priority
+"""
+
+# Rows leased to each relay (``claimed_by`` is ``host:pid``), and those whose lease ran out
+# without a record: the relay froze, crashed or lost the database, and any relay may take
+# them. Reads the small partial index of claimed rows.
+CLAIMS_BY_RELAY = """
+SELECT claimed_by,
+       count(*)::bigint,
+       count(*) FILTER (WHERE available_at <= now())::bigint,
+       extract(epoch FROM max(now() - available_at))::float8
+FROM outbox.message
+WHERE state = 'pending' AND claim IS NOT NULL
+GROUP BY claimed_by
+ORDER BY claimed_by
+"""
+
+# Ordering keys whose first pending row waits out a retry, and the rows held behind them.
+HELD_ORDERING_KEYS = """
+SELECT count(*)::bigint, coalesce(sum(behind), 0)::bigint
+FROM (
+    SELECT (SELECT count(*) FROM outbox.message AS b
+            WHERE b.ordering_key = h.ordering_key AND b.state = 'pending' AND b.id > h.id
+           ) AS behind
+    FROM outbox.message AS h
+    WHERE h.state = 'pending' AND h.ordering_key IS NOT NULL AND h.attempts > 0
+      AND h.available_at > now() AND h.claim IS NULL
+      AND NOT EXISTS (SELECT 1 FROM outbox.message AS e
+                      WHERE e.ordering_key = h.ordering_key AND e.state = 'pending'
+                        AND e.id < h.id)
+) AS keys
+WHERE behind > 0
+"""
 
 # The planner's own estimate: rows per page at the last VACUUM/ANALYZE times the pages the
 # table has now, split by the state column's most-common-value frequencies. ``relpages``

@@ -59,6 +59,7 @@ from outbox.scheduling import (
     chunk_size,
     claim_size,
     lease_allows,
+    lease_free,
     lease_margin,
 )
 from outbox.settings import Settings, route_names
@@ -296,6 +297,8 @@ class Relay:
     def process_batch(self) -> BatchReport:
         limit = claim_size(self.pace, claim_timeout=self.settings.claim_timeout,
                            batch_size=self.settings.batch_size)
+        if lease_free(self.pace, limit):
+            return self._process_locked(limit)
         claim = self.rng.getrandbits(63) or 1
         request = ClaimRequest(keys=self.lane.key_list(), limit=limit,
                                lease=self.settings.claim_timeout, owner=self.owner, claim=claim,
@@ -316,10 +319,32 @@ class Relay:
         report.full = len(rows) >= limit
         return report
 
+    def _process_locked(self, limit: int) -> BatchReport:
+        """A claim that publishes in about a second (a broker): one transaction holds the
+        rows' locks while they are published and records them; no lease is written."""
+        request = ClaimRequest(keys=self.lane.key_list(), limit=limit,
+                               lease=self.settings.claim_timeout, owner=self.owner, claim=0,
+                               aging=self.settings.priority_aging)
+        with self.store.transaction() as tx:
+            rows = tx.claim_locked(request)
+            if not rows:
+                return BatchReport()
+            metrics.BATCHES.inc()
+            planned, report = self._plan(tx, rows, self.clock(), None)
+            if planned and not self.stopping():  # stopping: the commit lets the rows go as they were
+                started = time.perf_counter()
+                chunk_report, down, not_tried = self._publish_chunk(planned, None, tx=tx)
+                self.pace.observe(len(planned) - len(not_tried), time.perf_counter() - started)
+                report.add(chunk_report)
+                self.outage = self.outage + 1 if down else 0
+        report.claimed = len(rows)
+        report.full = len(rows) >= limit
+        return report
+
     # -- planning: decode, validate, route, expire, draw OTPs -------------------------------
 
     def _plan(self, tx: StoreTransaction, rows: Sequence[ClaimedRow], now: float,
-              claim: int) -> tuple[list[_Planned], BatchReport]:
+              claim: int | None) -> tuple[list[_Planned], BatchReport]:
         planned: list[_Planned] = []
         failed: list[Outcome] = []
         expired: list[Outcome] = []
@@ -446,7 +471,8 @@ class Relay:
             self.outage = 0
         return report
 
-    def _publish_chunk(self, chunk: list[_Planned], claim: int
+    def _publish_chunk(self, chunk: list[_Planned], claim: int | None, *,
+                       tx: StoreTransaction | None = None
                        ) -> tuple[BatchReport, bool, list[ClaimedRow]]:
         """Publish one chunk and record it; (report, transport down, rows handed back)."""
         now = self.clock()
@@ -482,7 +508,7 @@ class Relay:
                      if (row_errors := errors.get(p.row.id))
                      and all(isinstance(e, NotTried) for e in row_errors)]
         report = self._record(live, errors, bodies, expired, not_tried, claim,
-                              recovered=recovered)
+                              recovered=recovered, tx=tx)
         return report, down, not_tried
 
     def _publish_to(self, name: str, envelopes: list[Envelope]
@@ -515,7 +541,8 @@ class Relay:
 
     def _record(self, live: list[_Planned], errors: dict[int, list[PublishError]],
                 bodies: dict[int, list[bytes]], expired: list[Outcome],
-                not_tried: list[ClaimedRow], claim: int, *, recovered: bool) -> BatchReport:
+                not_tried: list[ClaimedRow], claim: int | None, *, recovered: bool,
+                tx: StoreTransaction | None = None) -> BatchReport:
         now = self.clock()
         sent: list[int] = []
         log_sent = debug_enabled()
@@ -561,18 +588,28 @@ class Relay:
             command, route = commands.get(outcome.id, ("unknown", "none"))
             outcomes[command, route, "expired"] += 1
             log.warning("message.expired", id=outcome.id, reason=outcome.reason)
-        with self.store.transaction() as tx:
-            tx.mark_sent(sent, claim)
-            tx.schedule_retry(retries, claim)
-            tx.mark_failed(failed, claim)
-            tx.mark_expired(expired, claim)
-            tx.hand_back(not_tried, claim)
-            if recovered:
-                self._release_retries(tx)
+        with contextlib.ExitStack() as stack:
+            if tx is None:
+                tx = stack.enter_context(self.store.transaction())
+            self._write_outcomes(tx, claim, sent=sent, retries=retries, failed=failed,
+                                 expired=expired, not_tried=not_tried, recovered=recovered)
         for (command, route, state), count in outcomes.items():
             metrics.MESSAGES.labels(command, route, state).inc(count)
         return BatchReport(sent=len(sent), retried=len(retries), failed=len(failed),
                            expired=len(expired), handed_back=len(not_tried))
+
+    def _write_outcomes(self, tx: StoreTransaction, claim: int | None, *, sent: list[int],
+                        retries: list[Rescheduled], failed: list[Outcome],
+                        expired: list[Outcome], not_tried: list[ClaimedRow],
+                        recovered: bool) -> None:
+        tx.mark_sent(sent, claim)
+        tx.schedule_retry(retries, claim)
+        tx.mark_failed(failed, claim)
+        tx.mark_expired(expired, claim)
+        if claim is not None:  # a locked row not tried is still where it was
+            tx.hand_back(not_tried, claim)
+        if recovered:
+            self._release_retries(tx)
 
     def _release_retries(self, tx: StoreTransaction) -> None:
         """The lane delivers again: its rows that wait out a retry backoff go now, not
@@ -889,6 +926,9 @@ class RelayService:
         # A relay never idles inside a transaction; should it freeze in one, the server ends
         # the session and its row locks go with it.
         connection.execute("SET synchronous_commit = off")
+        # The claim's plan is cheap to run but estimated dear (a LIMIT over a lateral join):
+        # above jit_above_cost Postgres would spend 50-70 ms compiling it for every batch.
+        connection.execute("SET jit = off")
         connection.execute(
             "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
             (f"{int(self.settings.claim_timeout * 1000)}ms",))

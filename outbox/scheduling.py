@@ -61,6 +61,13 @@ def chunk_size(pace: Pace, *, remaining: int) -> int:
     return max(1, min(remaining, int(CHUNK_BUDGET / pace.seconds_per_row)))
 
 
+def lease_free(pace: Pace, rows: int) -> bool:
+    """Whether a claim of ``rows`` publishes within ``CHUNK_BUDGET`` at the observed pace: then
+    one short transaction can hold the rows' locks while they are published (a broker), and
+    writing a lease would cost more than it protects. Unobserved lanes take a lease."""
+    return pace.seconds_per_row is not None and pace.seconds_per_row * rows <= CHUNK_BUDGET
+
+
 def lease_allows(*, now: float, deadline: float, rows: int, pace: Pace,
                  margin: float) -> bool:
     """Whether a chunk of ``rows`` can still be published before the lease's ``deadline``
@@ -90,5 +97,6 @@ __all__ = [
     "chunk_size",
     "claim_size",
     "lease_allows",
+    "lease_free",
     "lease_margin",
 ]

@@ -94,6 +94,36 @@ FROM claimed
 ORDER BY rank, id
 """
 
+# A lane whose whole claim publishes in about a second (a broker) holds no lease: its rows
+# stay locked by this transaction, which claims, publishes and records, then commits. The
+# lease's two extra row versions would cost more than that second of locking; a frozen
+# relay's locks go with its session, ended by idle_in_transaction_session_timeout (set to
+# the claim timeout on relay sessions). Same lanes, rank and ordering keys as CLAIM.
+CLAIM_LOCKED = """
+SELECT c.id, c.command, c.data::text, c.route, c.attempts,
+       extract(epoch FROM c.created_at)::float8,
+       extract(epoch FROM c.expires_at)::float8,
+       extract(epoch FROM c.available_at)::float8
+FROM unnest(%(keys)s::text[]) AS k(key)
+CROSS JOIN generate_series(0, 9) AS p(priority)
+CROSS JOIN LATERAL (
+    SELECT m.id, m.command, m.data, m.route, m.attempts, m.created_at, m.expires_at,
+           m.available_at, m.priority
+    FROM outbox.message AS m
+    WHERE m.state = 'pending'
+      AND outbox.lane_key(m.route, m.command) = k.key
+      AND m.priority = p.priority
+      AND m.available_at <= now()
+      AND (m.ordering_key IS NULL OR NOT EXISTS (
+            SELECT 1 FROM outbox.message AS e
+            WHERE e.ordering_key = m.ordering_key AND e.state = 'pending' AND e.id < m.id))
+    ORDER BY m.available_at, m.id
+    LIMIT %(limit)s
+    FOR UPDATE OF m SKIP LOCKED) AS c
+ORDER BY extract(epoch FROM c.available_at) + c.priority * %(aging)s::float8, c.id
+LIMIT %(limit)s
+"""
+
 # The distinct lane keys of pending rows, one index descent each (a loose index scan): the
 # relay learns of routes it was not told about (a typo, spaces, a fan-out nobody configured).
 PENDING_LANE_KEYS = """
@@ -129,14 +159,14 @@ MARK_SENT = """
 UPDATE outbox.message
 SET state = 'sent', sent_at = now(), attempts = attempts + 1, last_error = NULL,
     claimed_by = NULL, claim = NULL
-WHERE id = ANY(%s) AND claim = %s AND state = 'pending'
+WHERE id = ANY(%s) AND claim IS NOT DISTINCT FROM %s::bigint AND state = 'pending'
 """
 
 MARK_SENT_BLANKING_TEXTS = """
 UPDATE outbox.message
 SET state = 'sent', sent_at = now(), attempts = attempts + 1, last_error = NULL,
     claimed_by = NULL, claim = NULL, data = data - 'message' - 'subject'
-WHERE id = ANY(%s) AND claim = %s AND state = 'pending'
+WHERE id = ANY(%s) AND claim IS NOT DISTINCT FROM %s::bigint AND state = 'pending'
 """
 
 SCHEDULE_RETRY = """
@@ -144,7 +174,7 @@ UPDATE outbox.message AS m
 SET attempts = m.attempts + 1, available_at = to_timestamp(u.at), last_error = u.reason,
     claimed_by = NULL, claim = NULL
 FROM unnest(%s::bigint[], %s::float8[], %s::text[]) AS u(id, at, reason)
-WHERE m.id = u.id AND m.claim = %s AND m.state = 'pending'
+WHERE m.id = u.id AND m.claim IS NOT DISTINCT FROM %s::bigint AND m.state = 'pending'
 """
 
 MARK_FAILED = """
@@ -152,7 +182,7 @@ UPDATE outbox.message AS m
 SET state = 'failed', attempts = m.attempts + u.attempted, last_error = u.reason,
     claimed_by = NULL, claim = NULL
 FROM unnest(%s::bigint[], %s::text[], %s::int[]) AS u(id, reason, attempted)
-WHERE m.id = u.id AND m.claim = %s AND m.state = 'pending'
+WHERE m.id = u.id AND m.claim IS NOT DISTINCT FROM %s::bigint AND m.state = 'pending'
 """
 
 MARK_EXPIRED = """
@@ -160,7 +190,7 @@ UPDATE outbox.message AS m
 SET state = 'expired', attempts = m.attempts + u.attempted, last_error = u.reason,
     claimed_by = NULL, claim = NULL
 FROM unnest(%s::bigint[], %s::text[], %s::int[]) AS u(id, reason, attempted)
-WHERE m.id = u.id AND m.claim = %s AND m.state = 'pending'
+WHERE m.id = u.id AND m.claim IS NOT DISTINCT FROM %s::bigint AND m.state = 'pending'
 """
 
 # An expired row is never published again: its texts can go as a sent row's do. A failed
@@ -170,7 +200,7 @@ UPDATE outbox.message AS m
 SET state = 'expired', attempts = m.attempts + u.attempted, last_error = u.reason,
     claimed_by = NULL, claim = NULL, data = m.data - 'message' - 'subject'
 FROM unnest(%s::bigint[], %s::text[], %s::int[]) AS u(id, reason, attempted)
-WHERE m.id = u.id AND m.claim = %s AND m.state = 'pending'
+WHERE m.id = u.id AND m.claim IS NOT DISTINCT FROM %s::bigint AND m.state = 'pending'
 """
 
 # Claimed but not tried (a stop, a lost lease, a transport that stopped answering): the row
@@ -179,7 +209,7 @@ HAND_BACK = """
 UPDATE outbox.message AS m
 SET available_at = to_timestamp(u.was), claimed_by = NULL, claim = NULL
 FROM unnest(%s::bigint[], %s::float8[]) AS u(id, was)
-WHERE m.id = u.id AND m.claim = %s AND m.state = 'pending'
+WHERE m.id = u.id AND m.claim IS NOT DISTINCT FROM %s::bigint AND m.state = 'pending'
 """
 
 # A transport that was unreachable works again: its rows waiting out their retry backoff (up
@@ -369,12 +399,17 @@ class StoredOtp:
 
 
 class StoreTransaction(Protocol):
+    """``claim`` None in the record statements: rows of a locked claim (no lease)."""
+
     def claim(self, request: ClaimRequest) -> list[ClaimedRow]: ...
-    def mark_sent(self, ids: Sequence[int], claim: int) -> None: ...
-    def schedule_retry(self, rows: Sequence[Rescheduled], claim: int) -> None: ...
-    def mark_failed(self, rows: Sequence[Outcome], claim: int) -> None: ...
-    def mark_expired(self, rows: Sequence[Outcome], claim: int) -> None: ...
-    def hand_back(self, rows: Sequence[ClaimedRow], claim: int) -> None:
+    def claim_locked(self, request: ClaimRequest) -> list[ClaimedRow]:
+        """Rows locked for this transaction only: no lease (``request.claim`` unused)."""
+
+    def mark_sent(self, ids: Sequence[int], claim: int | None) -> None: ...
+    def schedule_retry(self, rows: Sequence[Rescheduled], claim: int | None) -> None: ...
+    def mark_failed(self, rows: Sequence[Outcome], claim: int | None) -> None: ...
+    def mark_expired(self, rows: Sequence[Outcome], claim: int | None) -> None: ...
+    def hand_back(self, rows: Sequence[ClaimedRow], claim: int | None) -> None:
         """Claimed, not tried: back to their place in the queue, attempts untouched."""
 
     def release_retries(self, keys: Sequence[str], limit: int) -> int:
@@ -429,26 +464,31 @@ class PostgresTransaction:
             "owner": request.owner, "claim": request.claim, "aging": request.aging})
         return list(map(ClaimedRow._make, self._cursor.fetchall()))
 
-    def mark_sent(self, ids: Sequence[int], claim: int) -> None:
+    def claim_locked(self, request: ClaimRequest) -> list[ClaimedRow]:
+        self._cursor.execute(CLAIM_LOCKED, {"keys": list(request.keys), "limit": request.limit,
+                                            "aging": request.aging})
+        return list(map(ClaimedRow._make, self._cursor.fetchall()))
+
+    def mark_sent(self, ids: Sequence[int], claim: int | None) -> None:
         if ids:
             self._cursor.execute(MARK_SENT_BLANKING_TEXTS if self._blank_texts else MARK_SENT,
                                  (list(ids), claim))
 
-    def schedule_retry(self, rows: Sequence[Rescheduled], claim: int) -> None:
+    def schedule_retry(self, rows: Sequence[Rescheduled], claim: int | None) -> None:
         if rows:
             self._cursor.execute(SCHEDULE_RETRY, ([r.id for r in rows], [r.at for r in rows],
                                                   [r.reason[:2000] for r in rows], claim))
 
-    def mark_failed(self, rows: Sequence[Outcome], claim: int) -> None:
+    def mark_failed(self, rows: Sequence[Outcome], claim: int | None) -> None:
         if rows:
             self._cursor.execute(MARK_FAILED, (*_outcome_columns(rows), claim))
 
-    def mark_expired(self, rows: Sequence[Outcome], claim: int) -> None:
+    def mark_expired(self, rows: Sequence[Outcome], claim: int | None) -> None:
         if rows:
             self._cursor.execute(MARK_EXPIRED_BLANKING_TEXTS if self._blank_texts
                                  else MARK_EXPIRED, (*_outcome_columns(rows), claim))
 
-    def hand_back(self, rows: Sequence[ClaimedRow], claim: int) -> None:
+    def hand_back(self, rows: Sequence[ClaimedRow], claim: int | None) -> None:
         if rows:
             self._cursor.execute(HAND_BACK, ([r.id for r in rows],
                                              [r.was_available_at for r in rows], claim))

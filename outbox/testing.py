@@ -213,30 +213,38 @@ class _MemoryTransaction:
             row.claimed_by, row.claim = request.owner, request.claim
         return claimed
 
-    def _held(self, ids: Sequence[int], claim: int) -> list[MemoryRow]:
+    def claim_locked(self, request: ClaimRequest) -> list[ClaimedRow]:
+        """Like ``claim`` but without a lease: the store's lock is the transaction's."""
+        rows = self.claim(request)
+        for claimed in rows:
+            row = self.store.rows[claimed.id]
+            row.available_at, row.claimed_by, row.claim = claimed.was_available_at, None, None
+        return rows
+
+    def _held(self, ids: Sequence[int], claim: int | None) -> list[MemoryRow]:
         return [row for message_id in ids
                 if (row := self.store.rows[message_id]).claim == claim and row.state == "pending"]
 
-    def mark_sent(self, ids: Sequence[int], claim: int) -> None:
+    def mark_sent(self, ids: Sequence[int], claim: int | None) -> None:
         for row in self._held(ids, claim):
             row.state, row.sent_at, row.last_error = "sent", self.store.clock(), None
             row.attempts += 1
             row.claimed_by = row.claim = None
 
-    def schedule_retry(self, rows: Sequence[Rescheduled], claim: int) -> None:
+    def schedule_retry(self, rows: Sequence[Rescheduled], claim: int | None) -> None:
         at = {item.id: item for item in rows}
         for row in self._held(list(at), claim):
             row.attempts += 1
             row.available_at, row.last_error = at[row.id].at, at[row.id].reason
             row.claimed_by = row.claim = None
 
-    def mark_failed(self, rows: Sequence[Outcome], claim: int) -> None:
+    def mark_failed(self, rows: Sequence[Outcome], claim: int | None) -> None:
         self._finish(rows, "failed", claim)
 
-    def mark_expired(self, rows: Sequence[Outcome], claim: int) -> None:
+    def mark_expired(self, rows: Sequence[Outcome], claim: int | None) -> None:
         self._finish(rows, "expired", claim)
 
-    def hand_back(self, rows: Sequence[ClaimedRow], claim: int) -> None:
+    def hand_back(self, rows: Sequence[ClaimedRow], claim: int | None) -> None:
         was = {row.id: row.was_available_at for row in rows}
         for row in self._held(list(was), claim):
             row.available_at = was[row.id]
@@ -254,7 +262,7 @@ class _MemoryTransaction:
             row.available_at = now
         return len(waiting)
 
-    def _finish(self, rows: Sequence[Outcome], state: str, claim: int) -> None:
+    def _finish(self, rows: Sequence[Outcome], state: str, claim: int | None) -> None:
         outcomes = {item.id: item for item in rows}
         for row in self._held(list(outcomes), claim):
             item = outcomes[row.id]

@@ -170,6 +170,19 @@ def test_enqueue_and_status(relay_env: dict[str, str]) -> None:
     assert re.search(r"^pending\s+2$", status.stdout, re.MULTILINE), status.stdout
 
 
+def test_enqueue_takes_a_priority_and_an_ordering_key(relay_env: dict[str, str]) -> None:
+    urgent = outbox("enqueue", "send-sms", "--receiver", "+6281234567", "--message", "hi",
+                    "--priority", "0", "--ordering-key", "user-7", env=relay_env)
+    assert urgent.returncode == 0, urgent.stderr
+    status = json.loads(outbox("status", "--json", env=relay_env).stdout)
+    assert status["pending_by_priority"] == {"0": 1}
+    refused = outbox("enqueue", "send-sms", "--receiver", "+6281234567", "--message", "hi",
+                     "--priority", "12", env=relay_env)
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == ("outbox: error: priority must be a whole number from 0 "
+                                      "(most urgent) to 9")
+
+
 def test_bad_input_is_refused_naming_the_problem(relay_env: dict[str, str]) -> None:
     result = outbox("enqueue", "send-sms", "--receiver", "not-a-number", "--message", "x",
                     env=relay_env)

@@ -253,11 +253,12 @@ def test_a_slow_lane_never_delays_another_and_holds_no_transaction_open(
         open_transactions = conn.execute("""
             SELECT count(*) FROM pg_stat_activity
             WHERE application_name LIKE 'outbox relay %%' AND state = 'idle in transaction'
+              AND datname = current_database()
         """).fetchone()
         assert open_transactions == (0,)
         names = {row[0] for row in conn.execute(
             "SELECT DISTINCT application_name FROM pg_stat_activity "
-            "WHERE application_name LIKE 'outbox relay %%'")}
+            "WHERE application_name LIKE 'outbox relay %%' AND datname = current_database()")}
         assert names and all(name.endswith(f":{os.getpid()}") for name in names)
         # once its pace is known, a 0.5 s device's claim holds what it publishes in half the
         # claim timeout (10 rows), not a batch: other relays can take the rest
@@ -447,3 +448,26 @@ def test_block_and_unblock_arrive_in_order_through_a_flaky_device_and_two_relays
             assert relay.stop() == 0
     wrong = [number for number in numbers if (number in otp_pi.blocked) != expected[number]]
     assert wrong == []
+
+
+def test_status_shows_claims_per_relay_priorities_and_held_keys(
+        conn: psycopg.Connection[Any], clean_db: str) -> None:
+    from outbox.admin import read_status  # noqa: PLC0415
+
+    for n in range(3):
+        insert(conn, "send-sms", sms(n))
+    insert(conn, "create-otp", {"receiver": "+628123", "reference": "r", "message": "%s"})
+    first = insert(conn, "block-msisdn", {"receiver": "+6281111"}, attempts=1,
+                   available_at=_ago(-600))  # waits to retry, holding back the unblock
+    insert(conn, "unblock-msisdn", {"receiver": "+6281111"})
+    claim_ids(clean_db, request(["@send-sms"], limit=2, lease=0.1, claim=7))
+    time.sleep(0.2)  # that relay froze: its lease ran out
+    settings = Settings(transports={"default": "memory://"})
+    status = read_status(conn, settings)
+    assert dict(status.priorities) == {0: 1, 2: 2, 5: 3}
+    assert [(c.relay, c.rows, c.expired) for c in status.claims] == [("test:1", 2, 2)]
+    assert (status.held_keys.keys, status.held_keys.rows_behind) == (1, 1)
+    shown = status.as_json()
+    assert shown["claims"]["test:1"]["expired"] == 2
+    assert shown["pending_by_priority"] == {"0": 1, "2": 2, "5": 3}
+    assert first
