@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = settings.with_overrides(**overrides)
         handler: Handler = args.handler
         # Services log to stdout; one-shot commands keep stdout for their own output.
-        service = handler in (cmd_run, cmd_ws_relay)
+        service = handler in (cmd_run, cmd_ws_relay, cmd_gateway)
         logs.configure(level="debug" if args.verbose > 1 else settings.log_level,
                        fmt=settings.log_format, stream=sys.stdout if service else sys.stderr)
         return handler(args, settings)
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tracebacks on errors; twice: debug logs")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     for add in (_add_run, _add_db, _add_enqueue, _add_status, _add_failed, _add_purge,
-                _add_check, _add_config, _add_ws_relay, _add_otp):
+                _add_check, _add_config, _add_ws_relay, _add_otp, _add_gateway):
         add(commands)
     return parser
 
@@ -201,6 +201,27 @@ def _add_otp(commands: Subparsers) -> None:
                               "(default: the create-otp route)")
     otp_validate.add_argument("--json", action="store_true", help="machine-readable output")
     otp_validate.set_defaults(handler=cmd_otp_validate)
+
+
+def _add_gateway(commands: Subparsers) -> None:
+    gateway = commands.add_parser(
+        "gateway", help="serve OTP-Pi's REST API in front of the outbox (until SIGTERM)")
+    gateway.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    gateway.add_argument("--port", type=int, default=8899, help="default 8899, as the device")
+    gateway.add_argument("--workers", type=int, default=1, dest="gateway_workers",
+                         help="processes serving requests (default 1)")
+    gateway.add_argument("--certfile", help="TLS certificate (PEM); needs --keyfile")
+    gateway.add_argument("--keyfile", help="TLS private key (PEM)")
+    gateway.add_argument("--insecure-no-auth", action="store_true",
+                         help="accept requests without credentials (no OUTBOX_GATEWAY_USERS)")
+    gateway.set_defaults(handler=cmd_gateway)
+    actions = gateway.add_subparsers(title="gateway commands", metavar="ACTION")
+    passwd = actions.add_parser(
+        "passwd", help="add a user to the users file or replace its password (read from "
+                       "standard input)")
+    passwd.add_argument("user")
+    passwd.add_argument("--file", help="users file (default: $OUTBOX_GATEWAY_USERS)")
+    passwd.set_defaults(handler=cmd_gateway_passwd)
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -540,6 +561,39 @@ def cmd_otp_validate(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print(f"{result.code} {result.meaning}")
     return EXIT_OK if result.valid else EXIT_FAILURE
+
+
+def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox.web import gateway, server  # noqa: PLC0415 - keeps `outbox --help` fast
+
+    url = db.resolve_database_url(settings)
+    problems = db.check(url)
+    if problems:
+        raise ConfigurationError("; ".join(problems))
+    return server.serve(
+        "outbox.web.gateway:app_from_env", host=args.host, port=args.port,
+        workers=args.gateway_workers, certfile=args.certfile, keyfile=args.keyfile,
+        worker_options={"config": args.config, "insecure_no_auth": args.insecure_no_auth},
+        options_env=gateway.WORKER_ENV, name="gateway")
+
+
+def cmd_gateway_passwd(args: argparse.Namespace, settings: Settings) -> int:
+    import getpass  # noqa: PLC0415
+
+    from outbox.passwords import read_password, set_user  # noqa: PLC0415
+
+    path = args.file or settings.gateway_users
+    if not path:
+        raise ConfigurationError("no users file: set OUTBOX_GATEWAY_USERS or pass --file")
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {args.user}: ")
+        if not password:
+            raise ConfigurationError("empty password")
+    else:
+        password = read_password(sys.stdin)
+    set_user(path, args.user, password)
+    print(f"user {args.user} written to {path}", file=sys.stderr)
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

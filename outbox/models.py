@@ -47,6 +47,8 @@ message = Table(
     # the lease: which relay holds the row, and under which claim (migration 0007)
     Column("claimed_by", Text),
     Column("claim", BigInteger),
+    Column("enqueued_by", Text, comment="The gateway user (outbox gateway) that enqueued the "
+           "row; NULL for rows written by SQL."),
     # message_state_valid and message_attempts_nonnegative are enforced by the triggers
     # (migration 0006): a CHECK constraint is planned again for every INSERT statement.
     Index("message_dedup_key_unique", "dedup_key", unique=True,

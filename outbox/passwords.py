@@ -230,6 +230,20 @@ class UsersFile:
         message = user.encode("utf-8") + b"\x00" + password.encode("utf-8")
         return hmac.digest(self._key, message, hashlib.sha256)
 
+    def cached(self, user: str, password: str) -> User | None:
+        """The user when these credentials passed a full check within the TTL, else None
+        (which means "not known yet", not "wrong": :meth:`authenticate` decides that).
+
+        Cheap enough for an event loop; :meth:`authenticate` belongs in a worker thread.
+        """
+        self._reload_if_changed()
+        digest = self._digest(user, password)
+        with self._lock:
+            hit = self._cache.get(digest)
+        if hit is not None and hit[1] > self._clock():
+            return hit[0]
+        return None
+
     def authenticate(self, user: str, password: str) -> User | None:
         """The user if ``password`` is theirs, else None; unknown users cost a full check too."""
         self._reload_if_changed()
@@ -245,6 +259,8 @@ class UsersFile:
             return None
         if not verify(known.password_hash, password, self._hasher):
             return None
+        if self._ttl <= 0:
+            return known
         with self._lock:
             if self._users.get(user) is known:  # not reloaded with another hash meanwhile
                 if len(self._cache) >= self._cache_size:

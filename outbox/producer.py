@@ -24,14 +24,14 @@ from outbox.store import LOWEST_PRIORITY, insert_message
 
 _SA_INSERT = text(
     "INSERT INTO outbox.message (command, data, dedup_key, route, available_at, priority, "
-    "ordering_key) VALUES (:command, CAST(:data AS jsonb), :dedup_key, :route, "
-    "coalesce(:available_at, now()), :priority, :ordering_key) "
+    "ordering_key, enqueued_by) VALUES (:command, CAST(:data AS jsonb), :dedup_key, :route, "
+    "coalesce(:available_at, now()), :priority, :ordering_key, :enqueued_by) "
     "ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING RETURNING id"
 )
 _SA_INSERT_NO_DEDUP = text(
-    "INSERT INTO outbox.message (command, data, route, available_at, priority, ordering_key) "
-    "VALUES (:command, CAST(:data AS jsonb), :route, coalesce(:available_at, now()), "
-    ":priority, :ordering_key) RETURNING id"
+    "INSERT INTO outbox.message (command, data, route, available_at, priority, ordering_key, "
+    "enqueued_by) VALUES (:command, CAST(:data AS jsonb), :route, coalesce(:available_at, now()), "
+    ":priority, :ordering_key, :enqueued_by) RETURNING id"
 )
 _SA_SELECT = text("SELECT id FROM outbox.message WHERE dedup_key = :dedup_key")
 
@@ -46,6 +46,7 @@ def enqueue(
     available_at: datetime | None = None,
     priority: int | None = None,
     ordering_key: str | None = None,
+    enqueued_by: str | None = None,
 ) -> int:
     """Insert one command; return its row id (the existing row's id for a used ``dedup_key``).
 
@@ -54,7 +55,8 @@ def enqueue(
     ``ordering_key``: rows with the same key are published one after another in id order
     (None: the receiver for block-msisdn and unblock-msisdn, no key for the others).
     Raises ``InvalidCommand`` naming the broken rule before touching the database, so the
-    caller's transaction is not aborted by bad input.
+    caller's transaction is not aborted by bad input. ``enqueued_by`` names the network
+    service user the row came through (``outbox gateway`` sets it).
     """
     if isinstance(command, Command):
         if data is not None:
@@ -72,15 +74,15 @@ def enqueue(
         with target.cursor() as cursor:
             return insert_message(cursor, canonical, payload, dedup_key=dedup_key, route=route,
                                   available_at=available_at, priority=priority,
-                                  ordering_key=ordering_key)
+                                  ordering_key=ordering_key, enqueued_by=enqueued_by)
     if isinstance(target, psycopg.Cursor):
         return insert_message(target, canonical, payload, dedup_key=dedup_key, route=route,
                               available_at=available_at, priority=priority,
-                              ordering_key=ordering_key)
+                              ordering_key=ordering_key, enqueued_by=enqueued_by)
     if isinstance(target, Session | SAConnection):
         params = {"command": canonical, "data": json.dumps(payload), "dedup_key": dedup_key,
                   "route": route, "available_at": available_at, "priority": priority,
-                  "ordering_key": ordering_key}
+                  "ordering_key": ordering_key, "enqueued_by": enqueued_by}
         row = target.execute(_SA_INSERT if dedup_key is not None else _SA_INSERT_NO_DEDUP,
                              params).first()
         if row is None:

@@ -73,6 +73,13 @@ class Settings:
     purge_interval: float = 60.0
     blank_terminal_texts: bool = False
 
+    #: users file of ``outbox gateway`` (``user:argon2-hash`` lines)
+    gateway_users: str | None = None
+    #: database connections each gateway worker keeps
+    gateway_pool_size: int = 8
+    #: how long the gateway remembers a successful password check
+    gateway_auth_cache_ttl: float = 300.0
+
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     log_format: str = "auto"
@@ -124,7 +131,8 @@ class Settings:
                         f"route {command} -> {name!r} names no configured transport "
                         f"(configured: {', '.join(sorted(self.transports))})"
                     )
-        for name in ("batch_size", "workers", "max_attempts", "otp_ttl", "otp_max_attempts"):
+        for name in ("batch_size", "workers", "max_attempts", "otp_ttl", "otp_max_attempts",
+                     "gateway_pool_size"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be at least 1")
         if not 4 <= self.otp_digits <= 10:
@@ -174,6 +182,9 @@ class Settings:
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigurationError(f"metrics_port {self.metrics_port} is not a TCP port "
                                      "(0 to 65535; 0 picks a free one)")
+        if self.gateway_auth_cache_ttl < 0:
+            raise ConfigurationError("gateway_auth_cache_ttl must be a duration, or 0 to check "
+                                     "every request's password in full")
         if not self.metrics_host:
             raise ConfigurationError("metrics_host must name an address to listen on")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
@@ -243,7 +254,9 @@ def mask_url(url: str) -> str:
 
 
 _ENV_PREFIX = "OUTBOX_"
-_NOT_SETTINGS = frozenset({"OUTBOX_CONFIG", "OUTBOX_WS_RELAY_PASSWORD"})
+_NOT_SETTINGS = frozenset({"OUTBOX_CONFIG", "OUTBOX_WS_RELAY_PASSWORD",
+                           # options `outbox gateway` hands to its worker processes
+                           "OUTBOX_GATEWAY_WORKER"})
 #: variables with these prefixes belong to tools around outbox (tests, benchmarks)
 _NOT_SETTINGS_PREFIXES = ("OUTBOX_TEST_", "OUTBOX_BENCH_")
 

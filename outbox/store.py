@@ -263,8 +263,8 @@ def apply_default_priorities(connection: psycopg.Connection[Any],
 
 INSERT_MESSAGE = """
 INSERT INTO outbox.message (command, data, dedup_key, route, available_at, priority,
-                            ordering_key)
-VALUES (%s, %s, %s, %s, coalesce(%s, now()), %s, %s)
+                            ordering_key, enqueued_by)
+VALUES (%s, %s, %s, %s, coalesce(%s, now()), %s, %s, %s)
 ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
 RETURNING id
 """
@@ -272,12 +272,20 @@ RETURNING id
 # Without a dedup key there is nothing to conflict with: a plain INSERT spares the
 # speculative insertion ON CONFLICT sets up for every row.
 INSERT_MESSAGE_NO_DEDUP = """
-INSERT INTO outbox.message (command, data, route, available_at, priority, ordering_key)
-VALUES (%s, %s, %s, coalesce(%s, now()), %s, %s)
+INSERT INTO outbox.message (command, data, route, available_at, priority, ordering_key,
+                            enqueued_by)
+VALUES (%s, %s, %s, coalesce(%s, now()), %s, %s, %s)
 RETURNING id
 """
 
 SELECT_ID_BY_DEDUP_KEY = "SELECT id FROM outbox.message WHERE dedup_key = %s"
+
+# What the gateway answers a client with, for a row it just enqueued or one a retry with the
+# same idempotency key names: the first acceptance, as it was.
+SELECT_ACCEPTED = """
+SELECT command, data, extract(epoch FROM created_at)::float8, enqueued_by
+FROM outbox.message WHERE id = %s
+"""
 
 # --- managed OTPs (outbox.otp: one row per reference, only a keyed hash of the code) ----
 
@@ -574,15 +582,16 @@ def insert_message(
     available_at: Any,
     priority: int | None = None,
     ordering_key: str | None = None,
+    enqueued_by: str | None = None,
 ) -> int:
     """INSERT one row through a DB-API cursor; with a used ``dedup_key``, the existing id.
     ``priority`` and ``ordering_key`` left None take the command's defaults."""
     if dedup_key is None:
         cursor.execute(INSERT_MESSAGE_NO_DEDUP, (command, Jsonb(data), route, available_at,
-                                                 priority, ordering_key))
+                                                 priority, ordering_key, enqueued_by))
     else:
         cursor.execute(INSERT_MESSAGE, (command, Jsonb(data), dedup_key, route, available_at,
-                                        priority, ordering_key))
+                                        priority, ordering_key, enqueued_by))
     row = cursor.fetchone()
     if row is None:
         cursor.execute(SELECT_ID_BY_DEDUP_KEY, (dedup_key,))
@@ -590,9 +599,63 @@ def insert_message(
     return int(row[0])
 
 
+# --- outbox gateway: a create-otp for a reference with a live OTP answers 1201 at once ------
+
+# Serialises the gateway's create-otps of one reference for the rest of the transaction, so
+# that two at once cannot both find the reference free.
+LOCK_OTP_REFERENCE = "SELECT pg_advisory_xact_lock(hashtextextended('outbox.otp:' || %s, 0))"
+
+# Live: a managed OTP not used, not expired, whose message neither failed nor expired (as
+# ISSUE_OTP decides), or a create-otp row for the reference still waiting to be relayed.
+LIVE_OTP_REFERENCE = """
+SELECT EXISTS (
+    SELECT 1 FROM outbox.otp AS o
+    WHERE o.reference = %(reference)s AND o.used_at IS NULL AND o.expires_at > now()
+      AND NOT EXISTS (SELECT 1 FROM outbox.message AS m
+                      WHERE m.id = o.message_id AND m.state IN ('failed', 'expired'))
+) OR EXISTS (
+    SELECT 1 FROM outbox.message AS m
+    WHERE m.state = 'pending' AND m.command = 'create-otp'
+      AND btrim(m.data ->> 'reference') = %(reference)s
+      AND (m.expires_at IS NULL OR m.expires_at > now())
+)
+"""
+
+
+def lock_otp_reference(cursor: Any, reference: str) -> None:
+    cursor.execute(LOCK_OTP_REFERENCE, (reference,))
+
+
+def otp_reference_is_live(cursor: Any, reference: str) -> bool:
+    cursor.execute(LIVE_OTP_REFERENCE, {"reference": reference})
+    row = cursor.fetchone()
+    return bool(row[0])
+
+
+def find_message_by_dedup_key(cursor: Any, dedup_key: str) -> int | None:
+    cursor.execute(SELECT_ID_BY_DEDUP_KEY, (dedup_key,))
+    row = cursor.fetchone()
+    return None if row is None else int(row[0])
+
+
+class AcceptedMessage(NamedTuple):
+    command: str
+    data: dict[str, Any]
+    created_at: float
+    enqueued_by: str | None
+
+
+def read_accepted(cursor: Any, message_id: int) -> AcceptedMessage | None:
+    """The command, data, creation time and enqueuer of row ``message_id`` (None once purged)."""
+    cursor.execute(SELECT_ACCEPTED, (message_id,))
+    row = cursor.fetchone()
+    return None if row is None else AcceptedMessage(row[0], row[1], row[2], row[3])
+
+
 __all__ = [
     "CHANNEL",
     "LOWEST_PRIORITY",
+    "AcceptedMessage",
     "ClaimRequest",
     "ClaimedRow",
     "IssuedOtp",
@@ -605,5 +668,9 @@ __all__ = [
     "StoreTransaction",
     "StoredOtp",
     "apply_default_priorities",
+    "find_message_by_dedup_key",
     "insert_message",
+    "lock_otp_reference",
+    "otp_reference_is_live",
+    "read_accepted",
 ]

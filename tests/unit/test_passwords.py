@@ -242,3 +242,29 @@ def test_concurrent_checks_from_threads(tmp_path: Path) -> None:
     for thread in threads:
         thread.join()
     assert sorted(results) == [False] * 4 + [True] * 4
+
+
+def test_cached_answers_only_what_a_full_check_passed(tmp_path: Path) -> None:
+    hasher = CountingHasher()
+    clock = FakeClock()
+    path = tmp_path / "users"
+    write_users(path, f"shop:{hasher.hash('right')}")
+    users = UsersFile(path, hasher=hasher, clock=clock, ttl=10)
+    assert users.cached("shop", "right") is None
+    assert users.authenticate("shop", "right") is not None
+    assert users.cached("shop", "right") is not None
+    assert users.cached("shop", "wrong") is None
+    clock.now += 11
+    assert users.cached("shop", "right") is None
+
+
+def test_ttl_zero_disables_the_cache(tmp_path: Path) -> None:
+    hasher = CountingHasher()
+    path = tmp_path / "users"
+    write_users(path, f"shop:{hasher.hash('right')}")
+    users = UsersFile(path, hasher=hasher, ttl=0)
+    hasher.verifications.clear()
+    assert users.authenticate("shop", "right") is not None
+    assert users.authenticate("shop", "right") is not None
+    assert len(hasher.verifications) == 2
+    assert users.cached("shop", "right") is None
