@@ -61,6 +61,7 @@ from outbox.commands import (
     CREATE_OTP,
     SYNCHRONOUS,
     canonical_command,
+    validate,
 )
 from outbox.errors import ConfigurationError, InvalidCommand, OutboxError, PublishError
 from outbox.logs import get_logger, scrub_text
@@ -131,19 +132,31 @@ def _finite(value: Any) -> bool:
     return True
 
 
-def idempotency_key(header: str | None, data: Mapping[str, Any]) -> str | None:
-    """The ``Idempotency-Key`` header, else ``data.id`` (as text), else None."""
+def idempotency_key(header: str | None, data: Mapping[str, Any], command: str) -> str | None:
+    """The request's idempotency key: the ``Idempotency-Key`` header, else ``data.id`` of
+    this (README-named) command, else None.
+
+    A ``data.id`` counts per command: the README's own examples give an SMS and an e-mail
+    the same id, and the PHP library's samples use ``time()``, so ids of different commands
+    are not the same request. A header names one request whatever it carries.
+    """
     if header is not None and header.strip():
-        return header.strip()
-    value = data.get("id")
-    if value is None or isinstance(value, bool | dict | list):
-        return None
-    text = str(value).strip()
-    return text or None
+        kind, text = "key", header.strip()
+    else:
+        value = data.get("id")
+        if value is None or isinstance(value, bool | dict | list):
+            return None
+        kind, text = command, str(value).strip()
+        if not text:
+            return None
+    if len(text) > MAX_KEY_LENGTH:
+        raise InvalidCommand("gateway_idempotency_key_length",
+                             f"the idempotency key is longer than {MAX_KEY_LENGTH} characters")
+    return f"{kind}:{text}"
 
 
 def dedup_key(user: str | None, key: str) -> str:
-    """The row's dedup key: scoped by gateway user, so two clients' ids never collide."""
+    """The row's dedup key: scoped by gateway user, so two clients' keys never collide."""
     return f"gw:{user or ''}:{key}"
 
 
@@ -373,10 +386,10 @@ class Gateway:
             canonical = canonical_command(name, data)
         except InvalidCommand:
             return NOT_UNDERSTOOD  # echo, request-ussd, anything else: not for the outbox
-        key = idempotency_key(request.headers.get("idempotency-key"), data)
-        if key is not None and len(key) > MAX_KEY_LENGTH:
-            return _refusal(400, command, "gateway_idempotency_key_length",
-                            f"the idempotency key is longer than {MAX_KEY_LENGTH} characters")
+        try:
+            key = idempotency_key(request.headers.get("idempotency-key"), data, canonical)
+        except InvalidCommand as exc:
+            return _refusal(400, command, exc.rule, exc.message)
         return await self._in_thread(self._accept, command, canonical, data, user, key)
 
     @staticmethod
@@ -420,6 +433,8 @@ class Gateway:
 
     def _commit(self, command: str, canonical: str, data: dict[str, Any], user: str | None,
                 dedup: str | None) -> AcceptedMessage | Reply:
+        # A command the outbox refuses is refused before anything else is asked of it.
+        validate(canonical, data, now=time.time())
         with self.pool.connection() as connection, connection.transaction(), \
                 connection.cursor() as cursor:
             if canonical == CREATE_OTP:

@@ -13,12 +13,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,23 @@ from outbox.logs import get_logger
 log = get_logger("outbox.web")
 
 GRACEFUL_SECONDS = 10
+
+
+def _server_class() -> type[Any]:
+    import uvicorn  # noqa: PLC0415
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, but a SIGTERM/SIGINT it shut down for is a clean exit (0), as
+        for the relay: uvicorn re-raises the signal after its graceful shutdown, which makes
+        the process look killed to a service manager."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()
+
+    return Server
 
 
 def serve(factory: str, *, host: str, port: int, workers: int = 1,
@@ -63,17 +81,25 @@ def serve(factory: str, *, host: str, port: int, workers: int = 1,
         logging.getLogger(noisy).setLevel(logging.WARNING)
     log.info(f"{name}.listening", host=host, port=port, workers=workers,
              tls=bool(certfile))
+    config = uvicorn.Config(
+        # One process serves the app built above; several build their own from the factory.
+        app if workers == 1 else factory, factory=workers > 1, host=host, port=port,
+        workers=workers, ssl_certfile=certfile, ssl_keyfile=keyfile,
+        access_log=False, log_config=None, server_header=False,
+        timeout_graceful_shutdown=GRACEFUL_SECONDS, lifespan="on",
+        # the PHP client and a keep-alive pool both reuse connections
+        timeout_keep_alive=30,
+    )
     try:
-        uvicorn.run(
-            # One process serves the app built above; several build their own from the factory.
-            app if workers == 1 else factory, factory=workers > 1, host=host, port=port,
-            workers=workers,
-            ssl_certfile=certfile, ssl_keyfile=keyfile,
-            access_log=False, log_config=None, server_header=False,
-            timeout_graceful_shutdown=GRACEFUL_SECONDS, lifespan="on",
-            # the PHP client and a keep-alive pool both reuse connections
-            timeout_keep_alive=30,
-        )
+        if workers == 1:
+            server = _server_class()(config)
+            server.run()
+            if not server.started:
+                return 1  # uvicorn said why (a taken port, a bad certificate)
+        else:
+            from uvicorn.supervisors import Multiprocess  # noqa: PLC0415
+
+            Multiprocess(config, sockets=[config.bind_socket()]).run()
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
