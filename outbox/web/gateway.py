@@ -278,12 +278,20 @@ METHOD_NOT_ALLOWED = _empty(405, "method_not_allowed", {"Allow": "POST, PUT"})
 NOT_FOUND = _empty(404, "not_found")
 
 
+def _json_bytes(value: Mapping[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        # A lone surrogate a client sent (validate-otp echoes its fields): escaped, not lost.
+        return json.dumps(value, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def _answer(command: str, code: str, date_time: float, receiver: object,
             reference: object) -> Reply:
     data: dict[str, Any] = {"date_time": int(date_time), "receiver": _text(receiver)}
     if reference is not None:
         data["reference"] = _text(reference)
-    return Reply(200, orjson.dumps({"command": command, "response_code": code, "data": data}),
+    return Reply(200, _json_bytes({"command": command, "response_code": code, "data": data}),
                  code if code in DEVICE_CODES else "other")
 
 
@@ -291,7 +299,36 @@ def _refusal(status: int, command: object, rule: str, message: str,
              code: str = "refused") -> Reply:
     body = {"command": command if isinstance(command, str) else None, "rule": rule,
             "error": scrub_text(message)}
-    return Reply(status, orjson.dumps(body), code)
+    return Reply(status, _json_bytes(body), code)
+
+
+def _database_refusal(command: str, exc: Exception) -> Reply:
+    """The answer for an error the database raised while enqueueing."""
+    if isinstance(exc, psycopg.DataError):
+        return _refusal(400, command, "message_data_storable",
+                        "data holds a value PostgreSQL cannot store")
+    if isinstance(exc, psycopg.IntegrityError):
+        # The database's own rules (the INSERT trigger) name the rule as the constraint.
+        rule = getattr(exc.diag, "constraint_name", None) or "message_rules"
+        return _refusal(400, command, rule, f"the database refused the command ({rule})")
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError | TimeoutError):
+        log.warning("gateway.database_unavailable", error=type(exc).__name__,
+                    detail=scrub_text(str(exc).splitlines()[0] if str(exc) else ""))
+        return _refusal(503, command, "database_unavailable",
+                        "the outbox database cannot be reached; retry with the same "
+                        "idempotency key", code="unavailable")
+    raise exc
+
+
+def _storable(text: str) -> bool:
+    """Whether Postgres can hold ``text`` (no NUL, no lone surrogate)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # --- the gateway ------------------------------------------------------------------------------
@@ -412,16 +449,8 @@ class Gateway:
             accepted = self._commit(command, canonical, data, user, dedup)
         except InvalidCommand as exc:
             return _refusal(400, command, exc.rule, exc.message)
-        except psycopg.errors.IntegrityError as exc:
-            # The database's own rules (the INSERT trigger) name the rule as the constraint.
-            rule = getattr(exc.diag, "constraint_name", None) or "message_rules"
-            return _refusal(400, command, rule, f"the database refused the command ({rule})")
-        except (psycopg.OperationalError, OSError, TimeoutError) as exc:
-            log.warning("gateway.database_unavailable", error=type(exc).__name__,
-                        detail=scrub_text(str(exc).splitlines()[0] if str(exc) else ""))
-            return _refusal(503, command, "database_unavailable",
-                            "the outbox database cannot be reached; retry with the same "
-                            "idempotency key", code="unavailable")
+        except (psycopg.Error, OSError, TimeoutError) as exc:
+            return _database_refusal(command, exc)
         if isinstance(accepted, Reply):
             return accepted
         if dedup is not None and not same_command(accepted, canonical, data):
@@ -469,14 +498,18 @@ class Gateway:
     def _validate_otp(self, command: str, data: Mapping[str, Any]) -> Reply:
         reference, receiver = _text(data.get("reference")), _text(data.get("receiver"))
         params = [_text(data.get(f"param{index}")) for index in range(1, 5)]
+        code = _text(data.get("otp"))
+        if not all(map(_storable, (reference, receiver, code, *params))):
+            # No OTP was ever created with such a field (create-otp refuses them): unknown.
+            return _answer(command, otp.INVALID, time.time(), receiver, reference)
         try:
             route = otp.otp_route(self.settings)
             if route.mode is OtpMode.DEVICE:
-                result = otp.validate(reference, receiver, _text(data.get("otp")), params,
+                result = otp.validate(reference, receiver, code, params,
                                       settings=self.settings)
             else:
                 with self.pool.connection() as connection:
-                    result = otp.validate(reference, receiver, _text(data.get("otp")), params,
+                    result = otp.validate(reference, receiver, code, params,
                                           settings=self.settings, connection=connection)
         except ConfigurationError as exc:
             return _refusal(503, command, "gateway_configuration", str(exc), code="unavailable")
