@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check lint typecheck services bench bench-quick chaos clean
+.PHONY: run test check lint typecheck services browser bench bench-quick chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,11 +20,15 @@ run: $(STAMP)
 	exec $(BIN)/outbox run
 
 ## the whole suite, with the services it needs started when they are installed but down
-test: $(STAMP) services
+test: $(STAMP) services browser
 	$(BIN)/python -m pytest
 
 services:
 	bash scripts/ensure-services
+
+## Debian's chromium for the console's browser tests (installed when missing)
+browser:
+	bash scripts/ensure-browser
 
 lint: $(STAMP)
 	$(BIN)/ruff check outbox migrations tests bench

@@ -60,7 +60,7 @@ from bench.common import (
     write_json,
 )
 
-SECTIONS = ("enqueue", "throughput", "latency", "scaling", "peer", "long")
+SECTIONS = ("enqueue", "throughput", "latency", "scaling", "peer", "long", "console")
 TRANSPORTS = ("amqp", "redis", "mqtt", "http", "stdout")
 #: the transport module each section needs: a section runs once its module exists
 MODULES = {"amqp": "outbox.transports.rabbitmq", "redis": "outbox.transports.redis_pubsub",
@@ -85,6 +85,8 @@ class Sizes:
     peer_backlog: int
     peer_window: float
     long_rows: int
+    #: the console's overview is timed on a table this big
+    console_rows: int = 10_000_000
 
 
 FULL = Sizes(enqueue_single=3000, enqueue_batches=300, backlog=100_000, ceiling=50_000,
@@ -92,7 +94,7 @@ FULL = Sizes(enqueue_single=3000, enqueue_batches=300, backlog=100_000, ceiling=
              long_rows=1_000_000)
 QUICK = Sizes(enqueue_single=300, enqueue_batches=30, backlog=10_000, ceiling=10_000,
               http_ceiling=2_000, latency_seconds=5.0, peer_backlog=5_000, peer_window=10.0,
-              long_rows=50_000)
+              long_rows=50_000, console_rows=500_000)
 
 
 class Bench:
@@ -464,6 +466,12 @@ class Bench:
 
     # -- 6. the long drain ------------------------------------------------------------------
 
+    def console(self) -> dict[str, Any]:
+        """The console's overview data on a 10-million-row table (bench/console.py)."""
+        from bench import console  # noqa: PLC0415
+
+        return console.run(rows=self.sizes.console_rows)
+
     def long(self) -> dict[str, Any]:
         missing = self.available("amqp")
         if missing:
@@ -739,6 +747,14 @@ def table(results: dict[str, Any]) -> list[str]:
             f"| 6 | table + indexes: pending → sent → after retention | "
             f"{mb(b['table'])} + {mb(b['indexes'])} → {mb(d['table'])} + {mb(d['indexes'])} → "
             f"{mb(r['table'])} + {mb(r['indexes'])} | {long['retention']['how']} | | | — |")
+    console = results.get("console", {})
+    if "overview" in console:
+        rows.append(
+            f"| 7 | console overview data, {console['rows']:,} rows | "
+            f"{console['overview']['median_ms']:,.0f} ms (GET /api/overview "
+            f"{console['endpoint']['median_ms']:,.0f} ms) | `outbox status` "
+            f"{console['status']['median_ms']:,.0f} ms | {console['overview_to_status']:.2f}x | "
+            f"< 1 s | {verdict(console['endpoint']['median_ms'] < 1000)} |")
     return rows
 
 

@@ -259,11 +259,13 @@ class FailedFilter:
     older_than: float | None = None
     #: created at most this many seconds ago
     newer_than: float | None = None
+    #: the last error contains this text (any case)
+    reason: str | None = None
 
     @property
     def is_everything(self) -> bool:
         return not self.ids and self.command is None and self.route is None \
-            and self.older_than is None and self.newer_than is None
+            and self.older_than is None and self.newer_than is None and not self.reason
 
     def params(self, settings: Settings) -> dict[str, Any]:
         return {
@@ -273,6 +275,7 @@ class FailedFilter:
             "route_commands": commands_routed_to(settings, self.route) if self.route else [],
             "older_than": self.older_than,
             "newer_than": self.newer_than,
+            "reason": self.reason or None,
         }
 
 

@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = settings.with_overrides(**overrides)
         handler: Handler = args.handler
         # Services log to stdout; one-shot commands keep stdout for their own output.
-        service = handler in (cmd_run, cmd_ws_relay, cmd_gateway)
+        service = handler in (cmd_run, cmd_ws_relay, cmd_gateway, cmd_console)
         logs.configure(level="debug" if args.verbose > 1 else settings.log_level,
                        fmt=settings.log_format, stream=sys.stdout if service else sys.stderr)
         return handler(args, settings)
@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tracebacks on errors; twice: debug logs")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     for add in (_add_run, _add_db, _add_enqueue, _add_status, _add_failed, _add_purge,
-                _add_check, _add_config, _add_ws_relay, _add_otp, _add_gateway):
+                _add_check, _add_config, _add_ws_relay, _add_otp, _add_gateway,
+                _add_console):
         add(commands)
     return parser
 
@@ -143,6 +144,8 @@ def _add_failed(commands: Subparsers) -> None:
         action.add_argument("--route", help="the effective route (a transport name, or a+b)")
         action.add_argument("--older-than", metavar="AGE", help="created before: 30m, 2h, 7d")
         action.add_argument("--newer-than", metavar="AGE", help="created within: 30m, 2h, 7d")
+        action.add_argument("--reason", metavar="TEXT",
+                            help="the last error contains TEXT (any case)")
         action.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "list":
             action.add_argument("--limit", type=int, default=50, help="rows shown (default 50)")
@@ -222,6 +225,28 @@ def _add_gateway(commands: Subparsers) -> None:
     passwd.add_argument("user")
     passwd.add_argument("--file", help="users file (default: $OUTBOX_GATEWAY_USERS)")
     passwd.set_defaults(handler=cmd_gateway_passwd)
+
+
+def _add_console(commands: Subparsers) -> None:
+    console_parser = commands.add_parser(
+        "console", help="serve the operator's console (a web page) until SIGTERM/SIGINT")
+    console_parser.add_argument("--host", default="127.0.0.1",
+                                help="address to listen on (default 127.0.0.1)")
+    console_parser.add_argument("--port", type=int, default=8080,
+                                help="port to listen on (default 8080; 0 picks a free one)")
+    console_parser.add_argument("--insecure-no-auth", action="store_true",
+                                help="serve without logins (everyone is an operator): only "
+                                     "on a machine nobody else reaches")
+    console_parser.set_defaults(handler=cmd_console)
+    actions = console_parser.add_subparsers(title="console commands", metavar="ACTION")
+    passwd = actions.add_parser(
+        "passwd", help="add a user to $OUTBOX_CONSOLE_USERS or change their password and "
+                       "role; the password is read from standard input")
+    passwd.add_argument("user")
+    passwd.add_argument("--role", choices=("viewer", "operator"), default="viewer",
+                        help="viewer (sees everything, default) or operator (also retries "
+                             "and discards)")
+    passwd.set_defaults(handler=cmd_console_passwd)
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -413,11 +438,11 @@ def _failed_filter(args: argparse.Namespace) -> Any:
     except ValueError as exc:
         raise ConfigurationError(str(exc)) from None
     where = FailedFilter(ids=ids, command=args.command, route=args.route, older_than=older,
-                         newer_than=newer)
+                         newer_than=newer, reason=args.reason)
     if where.is_everything and not getattr(args, "all", True):
         raise ConfigurationError(f"`outbox failed {args.action}` needs a filter "
-                                 "(--id, --command, --route, --older-than, --newer-than) "
-                                 "or --all")
+                                 "(--id, --command, --route, --older-than, --newer-than, "
+                                 "--reason) or --all")
     return where
 
 
@@ -545,6 +570,61 @@ def cmd_ws_relay(args: argparse.Namespace, settings: Settings) -> int:
 
     password = args.password or os.environ.get("OUTBOX_WS_RELAY_PASSWORD")
     return main_ws_relay(args.host, args.port, args.user, password)
+
+
+def cmd_console(args: argparse.Namespace, settings: Settings) -> int:
+    import threading  # noqa: PLC0415
+
+    import uvicorn  # noqa: PLC0415 - the web stack loads only for the console
+
+    from outbox.web.console import (  # noqa: PLC0415
+        HealthWatch,
+        create_app,
+        listening_socket,
+        open_users,
+    )
+
+    users = open_users(settings, insecure_no_auth=args.insecure_no_auth)
+    url = db.resolve_database_url(settings)
+    problems = db.check(url)
+    if problems:
+        raise ConfigurationError("; ".join(problems))
+    listening = listening_socket(args.host, args.port)
+    host, port = listening.getsockname()[:2]
+    log = logs.get_logger("outbox.cli")
+    if users is None:
+        log.warning("console.no_auth", detail="--insecure-no-auth: anyone who reaches the "
+                    "port is an operator")
+    app = create_app(settings, url, users=users, health=HealthWatch(settings, url))
+    server = uvicorn.Server(uvicorn.Config(
+        app, log_config=None, access_log=False, server_header=False, lifespan="on", ws="none",
+        timeout_graceful_shutdown=5))
+    # uvicorn in a thread of its own: our handlers, not uvicorn's, own SIGTERM and SIGINT, so
+    # a stop is graceful and exits 0 as `outbox run` does (uvicorn re-raises the signal).
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listening]},
+                              name="outbox-console")
+    with stop_on_signals(exit_code_on_second_sigint=EXIT_FAILURE) as stop:
+        thread.start()
+        log.info("console.listening", url=f"http://{host}:{port}/")
+        while thread.is_alive() and not stop.wait(0.2):
+            pass
+        if stop.is_set():
+            log.info("console.stopping", signal=stop.signal_name)
+        server.should_exit = True
+        thread.join()
+    listening.close()
+    log.info("console.stopped")
+    return EXIT_OK if server.started else EXIT_FAILURE
+
+
+def cmd_console_passwd(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox.passwords import read_password, set_user  # noqa: PLC0415
+
+    if not settings.console_users:
+        raise ConfigurationError("set OUTBOX_CONSOLE_USERS to the users file to write")
+    set_user(settings.console_users, args.user, read_password(sys.stdin), extra=args.role)
+    print(f"{args.user} ({args.role}) saved in {settings.console_users}")
+    return EXIT_OK
 
 
 def cmd_otp_validate(args: argparse.Namespace, settings: Settings) -> int:

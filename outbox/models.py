@@ -63,6 +63,8 @@ message = Table(
     Index("message_terminal_created", "created_at",
           postgresql_where=text("state IN ('sent', 'expired')")),
     Index("message_sent_at", "sent_at", postgresql_where=text("state = 'sent'")),
+    Index("message_ended", "state", "available_at", postgresql_include=["route", "command"],
+          postgresql_where=text("state IN ('failed', 'expired')")),
     comment="Commands for OTP-Pi devices, written by applications inside their own "
     "transactions and published by the outbox relay.",
 )
@@ -85,4 +87,21 @@ otp = Table(
     "attempts and use.",
 )
 
-__all__ = ["SCHEMA", "STATES", "message", "metadata", "otp"]
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    Column("at", TIMESTAMP(timezone=True), nullable=False, server_default=text("now()")),
+    Column("actor", Text, nullable=False),
+    Column("action", Text, nullable=False),
+    Column("rows", BigInteger, nullable=False),
+    Column("filter", JSONB, nullable=False),
+    Column("source", Text, nullable=False, server_default=text("'console'")),
+    CheckConstraint("action IN ('retry', 'discard')", name="audit_action_known"),
+    CheckConstraint("rows >= 0", name="audit_rows_nonnegative"),
+    Index("audit_at", "at"),
+    comment="Actions taken on outbox rows from the operator's console: who, what, when, "
+    "how many.",
+)
+
+__all__ = ["SCHEMA", "STATES", "audit", "message", "metadata", "otp"]

@@ -148,6 +148,7 @@ AND (%(older_than)s::float8 IS NULL
      OR created_at < now() - make_interval(secs => %(older_than)s::float8))
 AND (%(newer_than)s::float8 IS NULL
      OR created_at >= now() - make_interval(secs => %(newer_than)s::float8))
+AND (%(reason)s::text IS NULL OR strpos(lower(last_error), lower(%(reason)s::text)) > 0)
 """
 
 COUNT_FAILED_MATCHING = f"SELECT count(*)::bigint FROM outbox.message WHERE {_FAILED_MATCH}"

@@ -80,6 +80,9 @@ class Settings:
     #: how long the gateway remembers a successful password check
     gateway_auth_cache_ttl: float = 300.0
 
+    #: the users file of ``outbox console`` (``outbox console passwd USER`` writes it)
+    console_users: str | None = None
+
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     log_format: str = "auto"

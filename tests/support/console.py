@@ -1,0 +1,53 @@
+"""The operator's console served for real (uvicorn on a free loopback port, in a thread)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import uvicorn
+
+from outbox.passwords import UsersFile, set_user
+from outbox.settings import Settings
+from outbox.web.console import HealthWatch, create_app, listening_socket
+
+OPERATOR = ("olga", "operator-pass-1")
+VIEWER = ("vic", "viewer-pass-1")
+
+
+def write_users(path: Path) -> Path:
+    """A users file with one operator and one viewer."""
+    set_user(path, OPERATOR[0], OPERATOR[1], extra="operator")
+    set_user(path, VIEWER[0], VIEWER[1], extra="viewer")
+    return path
+
+
+@contextmanager
+def serve_console(database_url: str, users: Path | None, *, settings: Settings | None = None,
+                  refresh_seconds: float = 0.5, health: bool = False) -> Iterator[str]:
+    """The console at ``http://127.0.0.1:PORT`` until the block ends."""
+    settings = settings or Settings(database_url=database_url)
+    listening = listening_socket("127.0.0.1", 0)
+    port = listening.getsockname()[1]
+    app = create_app(settings, database_url,
+                     users=UsersFile(users) if users is not None else None,
+                     health=HealthWatch(settings, database_url, interval=0.5) if health else None,
+                     refresh_seconds=refresh_seconds)
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False,
+                                           lifespan="on", ws="none"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listening]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the console did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        listening.close()
