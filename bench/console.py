@@ -35,7 +35,7 @@ ROUNDS = 7
 LOAD = """
 SET session_replication_role = replica;
 INSERT INTO outbox.message (command, data, route, state, attempts, created_at, available_at,
-                            sent_at, expires_at, last_error)
+                            sent_at, expires_at, last_error, priority)
 SELECT CASE WHEN n % 7 = 0 THEN 'send-email' ELSE 'send-sms' END,
        jsonb_build_object('receiver', '+62812' || lpad(n::text, 8, '0'),
                           'message', 'Your code is ' || (n % 1000000)::text),
@@ -45,19 +45,21 @@ SELECT CASE WHEN n % 7 = 0 THEN 'send-email' ELSE 'send-sms' END,
        CASE kind WHEN 'sent' THEN at + make_interval(secs => (n % 50) / 100.0) END,
        CASE kind WHEN 'expired' THEN at END,
        CASE kind WHEN 'failed' THEN 'device answered 1101 (modem busy)'
-                 WHEN 'expired' THEN 'expired before it could be sent' END
+                 WHEN 'expired' THEN 'expired before it could be sent' END,
+       outbox.default_priority(CASE WHEN n % 7 = 0 THEN 'send-email' ELSE 'send-sms' END)
 FROM (SELECT n,
              CASE WHEN n % 200 = 0 THEN 'failed' WHEN n % 100 IN (2, 3) THEN 'expired'
                   ELSE 'sent' END AS kind,
              now() - make_interval(secs => 7 * 86400.0 * (1 - n::float8 / %(rows)s)) AS at
       FROM generate_series(1, %(rows)s - %(rows)s / 200) AS n) AS generated;
 -- The backlog: the newest rows, as a relay that fell behind for ten minutes leaves them.
-INSERT INTO outbox.message (command, data, route, attempts, created_at, available_at)
+INSERT INTO outbox.message (command, data, route, attempts, created_at, available_at,
+                            priority)
 SELECT 'send-sms', jsonb_build_object('receiver', '+62813' || lpad(n::text, 8, '0'),
                                       'message', 'Your code is ' || (n % 1000000)::text),
        CASE WHEN n % 3 = 0 THEN 'sms' END, n % 3,
        now() - make_interval(secs => 600.0 * (1 - n::float8 / (%(rows)s / 200))),
-       now() + make_interval(secs => n % 120 - 60)
+       now() + make_interval(secs => n % 120 - 60), (n % 10)::smallint
 FROM generate_series(1, %(rows)s / 200) AS n;
 RESET session_replication_role;
 """

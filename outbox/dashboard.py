@@ -2,8 +2,9 @@
 
 The counts per state and route are :func:`outbox.admin.read_status` (``outbox status``):
 exact for pending and failed rows, the planner's estimate for sent and expired rows on a
-large table. :func:`read_overview` adds the last hour per minute, the delivery lag, failed
-rows per route and pending rows per priority; every statement reads through a partial index
+large table. :func:`read_overview` adds the last hour per minute, the delivery lag and failed
+and expired rows per route (pending rows per priority, the relays' claims and held ordering
+keys come with the status); every statement reads through a partial index
 (see :mod:`outbox.dashboard_sql`), so the overview stays fast on a table of millions of rows.
 
 Retrying and discarding go through :func:`act`, which calls :mod:`outbox.admin` and records
@@ -79,8 +80,6 @@ class Overview:
     status: Status
     failed_by_route: dict[str, int]
     expired_by_route: dict[str, int]
-    #: None: the schema has no priorities
-    pending_by_priority: dict[int, int] | None
     per_minute: tuple[MinuteOutcomes, ...]
     lag: DeliveryLag
     health: tuple[Check, ...] = ()
@@ -92,8 +91,6 @@ class Overview:
             "status": self.status.as_json(),
             "failed_by_route": dict(self.failed_by_route),
             "expired_by_route": dict(self.expired_by_route),
-            "pending_by_priority": None if self.pending_by_priority is None else
-            {str(priority): count for priority, count in self.pending_by_priority.items()},
             "per_minute": [{"minute": m.minute.isoformat(), "sent": m.sent, "failed": m.failed,
                             "expired": m.expired} for m in self.per_minute],
             "lag": asdict(self.lag),
@@ -115,14 +112,12 @@ def read_overview(connection: psycopg.Connection[Any], settings: Settings, *,
             for minute, sent, failed, expired
             in connection.execute(sql.OUTCOMES_PER_MINUTE, {"minutes": minutes}).fetchall())
         lag = _delivery_lag(connection)
-        priorities = _pending_by_priority(connection)
     ended: dict[str, dict[str, int]] = {"failed": {}, "expired": {}}
     for route, command, state, count in ended_rows:
         name = effective_route(settings, command, route)
         ended[state][name] = ended[state].get(name, 0) + int(count)
     return Overview(status, dict(sorted(ended["failed"].items())),
-                    dict(sorted(ended["expired"].items())), priorities, per_minute, lag,
-                    tuple(health))
+                    dict(sorted(ended["expired"].items())), per_minute, lag, tuple(health))
 
 
 def _delivery_lag(connection: psycopg.Connection[Any]) -> DeliveryLag:
@@ -132,14 +127,6 @@ def _delivery_lag(connection: psycopg.Connection[Any]) -> DeliveryLag:
     return DeliveryLag(None if p50 is None else round(float(p50), 4),
                        None if p99 is None else round(float(p99), 4), int(sample or 0),
                        LAG_WINDOW_SECONDS)
-
-
-def _pending_by_priority(connection: psycopg.Connection[Any]) -> dict[int, int] | None:
-    row = connection.execute(sql.HAS_PRIORITY).fetchone()
-    if not row or not row[0]:
-        return None
-    return {int(priority): int(count) for priority, count
-            in connection.execute(sql.PENDING_BY_PRIORITY).fetchall()}
 
 
 # --- one row -------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ index                           read by
 ``message_sent_at``             sent rows per minute, delivery lag
 ``message_ended``               failed and expired rows per minute and per route
 ``message_failed_created``      the commonest reasons
-``message_pending_claim``       pending rows per priority
 ``audit_at``                    the newest console actions
 ==============================  ===================================================
 
@@ -90,22 +89,6 @@ ORDER BY 2 DESC, 1
 LIMIT %(limit)s
 """
 
-# Whether the table has priorities yet (they came with the claim's rewrite): a console may
-# run against a database of an older schema while it is being upgraded.
-HAS_PRIORITY = """
-SELECT EXISTS (SELECT 1 FROM pg_attribute
-               WHERE attrelid = 'outbox.message'::regclass AND attname = 'priority'
-                 AND NOT attisdropped)
-"""
-
-PENDING_BY_PRIORITY = """
-SELECT priority::bigint, count(*)::bigint
-FROM outbox.message
-WHERE state = 'pending'
-GROUP BY priority
-ORDER BY priority DESC
-"""
-
 # One row in any state, without its texts: only the receiver (masked by the caller) and the
 # names of the data fields leave the database.
 ROW_DETAIL = """
@@ -147,9 +130,7 @@ __all__ = [
     "DELIVERY_LAG",
     "ENDED_BY_ROUTE",
         "FIND_ACTION",
-    "HAS_PRIORITY",
     "OUTCOMES_PER_MINUTE",
-    "PENDING_BY_PRIORITY",
     "RECENT_ACTIONS",
     "RECORD_ACTION",
     "ROW_DETAIL",
