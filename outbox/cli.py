@@ -233,7 +233,9 @@ def _add_console(commands: Subparsers) -> None:
     console_parser.add_argument("--host", default="127.0.0.1",
                                 help="address to listen on (default 127.0.0.1)")
     console_parser.add_argument("--port", type=int, default=8080,
-                                help="port to listen on (default 8080; 0 picks a free one)")
+                                help="port to listen on (default 8080)")
+    console_parser.add_argument("--certfile", help="TLS certificate (PEM); needs --keyfile")
+    console_parser.add_argument("--keyfile", help="TLS private key (PEM)")
     console_parser.add_argument("--insecure-no-auth", action="store_true",
                                 help="serve without logins (everyone is an operator): only "
                                      "on a machine nobody else reaches")
@@ -573,48 +575,18 @@ def cmd_ws_relay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_console(args: argparse.Namespace, settings: Settings) -> int:
-    import threading  # noqa: PLC0415
+    from outbox.web import console, server  # noqa: PLC0415 - keeps `outbox --help` fast
 
-    import uvicorn  # noqa: PLC0415 - the web stack loads only for the console
-
-    from outbox.web.console import (  # noqa: PLC0415
-        HealthWatch,
-        create_app,
-        listening_socket,
-        open_users,
-    )
-
-    users = open_users(settings, insecure_no_auth=args.insecure_no_auth)
     url = db.resolve_database_url(settings)
     problems = db.check(url)
     if problems:
         raise ConfigurationError("; ".join(problems))
-    listening = listening_socket(args.host, args.port)
-    host, port = listening.getsockname()[:2]
-    log = logs.get_logger("outbox.cli")
-    if users is None:
-        log.warning("console.no_auth", detail="--insecure-no-auth: anyone who reaches the "
-                    "port is an operator")
-    app = create_app(settings, url, users=users, health=HealthWatch(settings, url))
-    server = uvicorn.Server(uvicorn.Config(
-        app, log_config=None, access_log=False, server_header=False, lifespan="on", ws="none",
-        timeout_graceful_shutdown=5))
-    # uvicorn in a thread of its own: our handlers, not uvicorn's, own SIGTERM and SIGINT, so
-    # a stop is graceful and exits 0 as `outbox run` does (uvicorn re-raises the signal).
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listening]},
-                              name="outbox-console")
-    with stop_on_signals(exit_code_on_second_sigint=EXIT_FAILURE) as stop:
-        thread.start()
-        log.info("console.listening", url=f"http://{host}:{port}/")
-        while thread.is_alive() and not stop.wait(0.2):
-            pass
-        if stop.is_set():
-            log.info("console.stopping", signal=stop.signal_name)
-        server.should_exit = True
-        thread.join()
-    listening.close()
-    log.info("console.stopped")
-    return EXIT_OK if server.started else EXIT_FAILURE
+    # One process: the form tokens are keyed per process, and one serves many operators.
+    return server.serve(
+        "outbox.web.console:app_from_env", host=args.host, port=args.port, workers=1,
+        certfile=args.certfile, keyfile=args.keyfile,
+        worker_options={"config": args.config, "insecure_no_auth": args.insecure_no_auth},
+        options_env=console.WORKER_ENV, name="console")
 
 
 def cmd_console_passwd(args: argparse.Namespace, settings: Settings) -> int:

@@ -258,8 +258,9 @@ def mask_url(url: str) -> str:
 
 _ENV_PREFIX = "OUTBOX_"
 _NOT_SETTINGS = frozenset({"OUTBOX_CONFIG", "OUTBOX_WS_RELAY_PASSWORD",
-                           # options `outbox gateway` hands to its worker processes
-                           "OUTBOX_GATEWAY_WORKER"})
+                           # options `outbox gateway` and `outbox console` hand to the
+                           # process serving them
+                           "OUTBOX_GATEWAY_WORKER", "OUTBOX_CONSOLE_WORKER"})
 #: variables with these prefixes belong to tools around outbox (tests, benchmarks)
 _NOT_SETTINGS_PREFIXES = ("OUTBOX_TEST_", "OUTBOX_BENCH_")
 

@@ -29,8 +29,9 @@ import contextlib
 import hashlib
 import hmac
 import importlib.resources
+import json
+import os
 import secrets
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -653,28 +654,23 @@ def create_app(settings: Settings, database_url: str, *, users: UsersFile | None
     return Guard(console.app(), authenticator)
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` and listening (port 0: a free one).
+#: the options ``outbox console`` hands to the process serving it (see outbox.web.server)
+WORKER_ENV = "OUTBOX_CONSOLE_WORKER"
 
-    Created with its protocol named: asyncio sets TCP_NODELAY only on connections accepted
-    from a socket whose ``proto`` is IPPROTO_TCP, and ``socket.create_server`` leaves it 0.
-    Without it every response waited out the client's delayed ACK: 45 ms a request.
-    """
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP,
-            flags=socket.AI_PASSIVE)[0]
-        listening = socket.socket(family, kind, proto)
-    except OSError as exc:
-        raise ConfigurationError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from exc
-    try:
-        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listening.bind(address)
-        listening.listen(128)
-    except OSError as exc:
-        listening.close()
-        raise ConfigurationError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from exc
-    return listening
+
+def app_from_env() -> ASGICallable:
+    """The console for the uvicorn process that ``outbox console`` starts."""
+    from outbox import logs  # noqa: PLC0415
+
+    options = json.loads(os.environ.get(WORKER_ENV) or "{}")
+    settings = Settings.from_env(config_file=options.get("config"))
+    logs.configure(level=settings.log_level, fmt=settings.log_format)
+    users = open_users(settings, insecure_no_auth=bool(options.get("insecure_no_auth")))
+    if users is None:
+        log.warning("console.no_auth",
+                    detail="--insecure-no-auth: anyone who reaches the port is an operator")
+    url = db.resolve_database_url(settings)
+    return create_app(settings, url, users=users, health=HealthWatch(settings, url))
 
 
 def open_users(settings: Settings, *, insecure_no_auth: bool) -> UsersFile | None:
@@ -698,6 +694,7 @@ __all__ = [
     "OPERATOR",
     "ROLES",
     "VIEWER",
+    "WORKER_ENV",
     "Authenticator",
     "BadRequest",
     "Chart",
@@ -706,9 +703,9 @@ __all__ = [
     "Guard",
     "HealthWatch",
     "Viewer",
+    "app_from_env",
     "chart",
     "create_app",
-    "listening_socket",
     "open_users",
     "parse_basic",
     "parse_filter",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -50,7 +51,10 @@ def test_passwd_reads_stdin_and_the_console_serves_the_roles(clean_db: str,
                                  capture_output=True, text=True, timeout=60, check=False)
     assert no_password.returncode == 2 and "no password" in no_password.stderr
 
-    console = subprocess.Popen([*OUTBOX, "console", "--port", "0"], env=env,
+    with socket.socket() as probe:  # a free port (uvicorn binds it itself)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    console = subprocess.Popen([*OUTBOX, "console", "--port", str(port)], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert console.stdout is not None
@@ -61,9 +65,15 @@ def test_passwd_reads_stdin_and_the_console_serves_the_roles(clean_db: str,
             if line.startswith("{"):
                 event = json.loads(line)
                 if event.get("event") == "console.listening":
-                    url = event["url"]
+                    url = f"http://{event['host']}:{event['port']}"
         assert url, "the console never said where it listens"
         with httpx.Client(base_url=url, timeout=30) as http:
+            for _ in range(100):  # the log line comes just before uvicorn listens
+                try:
+                    http.get("/")
+                    break
+                except httpx.ConnectError:
+                    time.sleep(0.1)
             assert http.get("/").status_code == 401
             assert http.get("/", auth=("olga", "wrong")).status_code == 401
             page = http.get("/", auth=("olga", "s3cret pass"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ import uvicorn
 
 from outbox.passwords import UsersFile, set_user
 from outbox.settings import Settings
-from outbox.web.console import HealthWatch, create_app, listening_socket
+from outbox.web.console import HealthWatch, create_app
 
 OPERATOR = ("olga", "operator-pass-1")
 VIEWER = ("vic", "viewer-pass-1")
@@ -23,6 +24,28 @@ def write_users(path: Path) -> Path:
     set_user(path, OPERATOR[0], OPERATOR[1], extra="operator")
     set_user(path, VIEWER[0], VIEWER[1], extra="viewer")
     return path
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` and listening (port 0: a free one).
+
+    Created with its protocol named: asyncio sets TCP_NODELAY only on connections accepted
+    from a socket whose ``proto`` is IPPROTO_TCP, and ``socket.create_server`` leaves it 0.
+    Without it every response waited out the client's delayed ACK: 45 ms a request. (uvicorn
+    binding a host and port itself, as ``outbox console`` has it do, names the protocol.)
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP,
+        flags=socket.AI_PASSIVE)[0]
+    listening = socket.socket(family, kind, proto)
+    try:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind(address)
+        listening.listen(128)
+    except OSError:
+        listening.close()
+        raise
+    return listening
 
 
 @contextmanager
