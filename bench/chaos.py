@@ -62,7 +62,7 @@ from bench.common import (
 )
 
 SCENARIOS = ("sigkill", "rabbitmq-restart", "mqtt-restart", "postgres-restart", "poison",
-             "long-transaction", "bad-input")
+             "long-transaction", "bad-input", "pool-failover", "rate-limit")
 #: one worker: a SIGKILL can then cost at most the one batch in flight
 CHAOS = RelayConfig(batch_size=500, workers=1)
 SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
@@ -335,6 +335,18 @@ class Chaos:
               **extra: str) -> RelayProcess:
         return RelayProcess(self.url, transport, config, log=self.logs / f"chaos-{name}.log",
                             **extra)
+
+    # -- failover pools and rate limits (bench.pools) ---------------------------------------
+
+    def pool_failover(self) -> Verdict:
+        from bench.pools import pool_failover  # noqa: PLC0415
+
+        return pool_failover(self.url, self.logs, Verdict)  # type: ignore[no-any-return]
+
+    def rate_limit(self) -> Verdict:
+        from bench.pools import rate_limit  # noqa: PLC0415
+
+        return rate_limit(self.url, self.logs, Verdict)  # type: ignore[no-any-return]
 
     # -- SIGKILL ----------------------------------------------------------------------------
 

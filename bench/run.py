@@ -60,7 +60,8 @@ from bench.common import (
     write_json,
 )
 
-SECTIONS = ("enqueue", "throughput", "latency", "scaling", "peer", "long", "console")
+SECTIONS = ("enqueue", "throughput", "latency", "scaling", "peer", "long", "console",
+            "limits")
 TRANSPORTS = ("amqp", "redis", "mqtt", "http", "stdout")
 #: the transport module each section needs: a section runs once its module exists
 MODULES = {"amqp": "outbox.transports.rabbitmq", "redis": "outbox.transports.redis_pubsub",
@@ -203,6 +204,12 @@ class Bench:
         with connect(self.url) as conn:
             conn.execute("DROP SCHEMA bench CASCADE")
         return result
+
+    def limits(self) -> dict[str, Any]:
+        """Receiver limits: the INSERT cost at the door, the drain cost in the relay."""
+        from bench.pools import receiver_limit_cost  # noqa: PLC0415
+
+        return receiver_limit_cost(self.url, self.logs)
 
     # -- 2. throughput --------------------------------------------------------------------
 

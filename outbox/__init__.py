@@ -34,6 +34,7 @@ from outbox.errors import (
     PermanentPublishError,
     PublishError,
     TransientPublishError,
+    TransportDown,
     Unreachable,
 )
 from outbox.producer import enqueue
@@ -56,6 +57,7 @@ __all__ = [
     "SendSms",
     "Settings",
     "TransientPublishError",
+    "TransportDown",
     "UnblockMsisdn",
     "Unreachable",
     "__version__",

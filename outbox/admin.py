@@ -83,6 +83,8 @@ class SendRate:
     window_seconds: float
     sent: int
     per_second: float
+    #: of those, the rows a failover pool's member delivered, by member
+    by_pool_member: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -224,7 +226,9 @@ def _send_rate(connection: psycopg.Connection[Any]) -> SendRate:
     window = RATE_WINDOW_SECONDS
     if row and sent >= RATE_SAMPLE_CAP and row[1]:
         window = max(float(row[1]), 0.001)
-    return SendRate(round(window, 3), sent, round(sent / window, 3))
+    members = {str(member): int(count) for member, count in connection.execute(
+        sql.RECENT_SENT_BY_MEMBER, {"window": RATE_WINDOW_SECONDS, "cap": RATE_SAMPLE_CAP})}
+    return SendRate(round(window, 3), sent, round(sent / window, 3), members)
 
 
 def _table_health(connection: psycopg.Connection[Any]) -> TableHealth:

@@ -419,6 +419,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     rate = status.rate
     print(f"\nsent in the last {console.age(rate.window_seconds)}: {rate.sent:,} "
           f"({rate.per_second:,.1f}/s)")
+    if rate.by_pool_member:
+        print("  through failover pools: " + ", ".join(
+            f"{member} {count:,}" for member, count in rate.by_pool_member.items()))
     table = status.table
     dead = table.dead_rows / max(table.live_rows + table.dead_rows, 1)
     vacuumed = "never" if table.vacuumed_seconds_ago is None else \

@@ -11,6 +11,7 @@
         ├── TransientPublishError     worth retrying later (connection lost, timeout, 5xx, 1101)
         │   └── Unreachable           the peer did not answer (refused, timed out)
         │       └── NotTried          never offered to the peer (it stopped answering first)
+        │           └── TransportDown not offered: every member of a pool is known to be down
         └── PermanentPublishError     retrying cannot help (401, ``{}``, unroutable payload)
 
 Transports convert their library's exceptions into ``PublishError`` subclasses and
@@ -75,6 +76,17 @@ class NotTried(Unreachable):
     unreachable. The relay hands such a row back with its place and attempts untouched."""
 
 
+class TransportDown(NotTried):
+    """Not offered: every member of a failover pool is known to be down (or the member that
+    is up has a rate and the claim took another's tokens). Handed back like any row not
+    tried, attempts untouched, so an outage alone never makes a row ``failed``; the lane
+    looks again after ``retry_after`` seconds, when the pool next probes a member."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class PermanentPublishError(PublishError):
     """Delivery can never succeed as the message or the configuration stands."""
 
@@ -91,5 +103,6 @@ __all__ = [
     "PermanentPublishError",
     "PublishError",
     "TransientPublishError",
+    "TransportDown",
     "Unreachable",
 ]

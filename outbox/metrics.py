@@ -110,6 +110,21 @@ FAILED = Gauge("outbox_failed_messages",
                "Failed rows kept for inspection (outbox failed list), all routes.")
 PURGED = Counter("outbox_purged_messages", "Rows deleted by retention, by state.", ["state"])
 PURGED_OTPS = Counter("outbox_purged_otps", "Managed OTP records deleted by retention.")
+POOL_DELIVERIES = Counter(
+    "outbox_pool_deliveries",
+    "Messages a failover pool's member delivered, by pool (route label) and member.",
+    ["pool", "member"],
+)
+POOL_MEMBER_UP = Gauge(
+    "outbox_pool_member_up",
+    "1 while a failover pool counts the member as up, 0 while it is down.",
+    ["pool", "member"],
+)
+RATE_LIMITED = Counter(
+    "outbox_rate_limited_claims",
+    "Claims that found a transport's token bucket empty and waited, by route.",
+    ["route"],
+)
 BUILD_INFO = Info("outbox_build", "Version of the outbox relay.")
 BUILD_INFO.info({"version": __version__})
 
@@ -121,8 +136,11 @@ __all__ = [
     "MESSAGES",
     "OLDEST_PENDING_AGE",
     "PENDING",
+    "POOL_DELIVERIES",
+    "POOL_MEMBER_UP",
     "PUBLISH_DURATION",
     "PURGED",
     "PURGED_OTPS",
+    "RATE_LIMITED",
     "BatchHistogram",
 ]

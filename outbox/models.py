@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     Column,
+    Float,
     Identity,
     Index,
     Integer,
@@ -49,6 +50,8 @@ message = Table(
     Column("claim", BigInteger),
     Column("enqueued_by", Text, comment="The gateway user (outbox gateway) that enqueued the "
            "row; NULL for rows written by SQL."),
+    #: the failover pool member that delivered the row (null outside pools)
+    Column("served_by", Text),
     # message_state_valid and message_attempts_nonnegative are enforced by the triggers
     # (migration 0006): a CHECK constraint is planned again for every INSERT statement.
     Index("message_dedup_key_unique", "dedup_key", unique=True,
@@ -104,4 +107,37 @@ audit = Table(
     "how many.",
 )
 
-__all__ = ["SCHEMA", "STATES", "audit", "message", "metadata", "otp"]
+
+rate_bucket = Table(
+    "rate_bucket",
+    metadata,
+    Column("transport", Text, primary_key=True),
+    Column("tokens", Float(precision=53), nullable=False),
+    Column("updated_at", Float(precision=53), nullable=False),
+    Column("granted", Integer, nullable=False, server_default=text("0")),
+    comment="Token buckets of rate-limited transports (rate= on the URL), shared by every relay.",
+)
+
+receiver_window = Table(
+    "receiver_window",
+    metadata,
+    Column("message_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("digest", BYTEA, nullable=False),
+    Column("taken_at", TIMESTAMP(timezone=True), nullable=False, server_default=text("now()")),
+    CheckConstraint("octet_length(digest) = 16", name="receiver_window_digest_length"),
+    Index("receiver_window_digest_taken", "digest", "taken_at"),
+    Index("receiver_window_taken", "taken_at"),
+    comment="Messages counted against their receiver's limit: a keyed digest, never the "
+    "receiver.",
+)
+
+__all__ = [
+    "SCHEMA",
+    "STATES",
+    "audit",
+    "message",
+    "metadata",
+    "otp",
+    "rate_bucket",
+    "receiver_window",
+]

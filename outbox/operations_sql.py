@@ -120,6 +120,20 @@ FROM (SELECT sent_at
       LIMIT %(cap)s) AS recent
 """
 
+# Which failover-pool member delivered the same newest sent rows (rows of plain routes
+# have no served_by and are left out).
+RECENT_SENT_BY_MEMBER = """
+SELECT served_by, count(*)::bigint
+FROM (SELECT served_by
+      FROM outbox.message
+      WHERE state = 'sent' AND sent_at > now() - make_interval(secs => %(window)s)
+      ORDER BY sent_at DESC
+      LIMIT %(cap)s) AS recent
+WHERE served_by IS NOT NULL
+GROUP BY served_by
+ORDER BY served_by
+"""
+
 SERVER_NOW = "SELECT now()"
 
 # Size and dead rows from the statistics collector: is autovacuum keeping up?
@@ -316,6 +330,7 @@ __all__ = [
     "PURGE_OTP_BATCH",
     "PURGE_TERMINAL_BATCH",
     "RECENT_SENT",
+    "RECENT_SENT_BY_MEMBER",
     "RELEASE_RETENTION_LOCK",
     "RETRY_FAILED_BATCH",
     "SERVER_NOW",

@@ -31,7 +31,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Protocol
 
 import orjson
@@ -51,6 +51,7 @@ from outbox.errors import (
     TransientPublishError,
     Unreachable,
 )
+from outbox.limits import ReceiverLimiter, buckets_for
 from outbox.logs import debug_enabled, get_logger, redact
 from outbox.retry import Expire, Fail, Retry, RetryPolicy, decide
 from outbox.scheduling import (
@@ -61,19 +62,22 @@ from outbox.scheduling import (
     lease_allows,
     lease_free,
     lease_margin,
+    next_token_in,
 )
-from outbox.settings import Settings, route_names
+from outbox.settings import Settings, is_pool, pool_members, route_names
 from outbox.store import (
     CHANNEL,
+    Bucket,
     ClaimedRow,
     ClaimRequest,
+    LimitStoreTransaction,
     Outcome,
     PostgresStore,
     Rescheduled,
     Store,
     StoreTransaction,
 )
-from outbox.transports import Envelope, OtpMode, Transport, open_transport
+from outbox.transports import Envelope, OtpMode, Transport, open_target
 
 log = get_logger("outbox.relay")
 
@@ -103,6 +107,8 @@ class BatchReport:
     handed_back: int = 0
     #: the claim took as many rows as it asked for: more may be waiting
     full: bool = False
+    #: seconds until the lane's rate limit grants its next token (0: not waiting for one)
+    token_wait: float = 0.0
 
     def add(self, other: BatchReport) -> None:
         self.sent += other.sent
@@ -150,7 +156,7 @@ def resolve_key(settings: Settings, key: str) -> tuple[str, tuple[str, ...]]:
             names = route_names(key)
     except ConfigurationError:
         return UNROUTABLE, ()
-    if any(name not in settings.transports for name in names):
+    if any(member not in settings.transports for name in names for member in pool_members(name)):
         return UNROUTABLE, ()
     return "+".join(names), names
 
@@ -277,6 +283,10 @@ class Relay:
         self._routes: dict[tuple[str, str | None], _Route] = {}
         #: chunks in a row that the lane's transport could not deliver at all
         self.outage = 0
+        limiter = ReceiverLimiter(settings)
+        self.receivers = limiter if limiter.active else None
+        #: per pool of the lane, the rate-limited member whose tokens the current claim took
+        self._through: dict[str, str] = {}
 
     def _route(self, command: str, row_route: str | None) -> _Route:
         route = self._routes.get((command, row_route))
@@ -297,7 +307,10 @@ class Relay:
     def process_batch(self) -> BatchReport:
         limit = claim_size(self.pace, claim_timeout=self.settings.claim_timeout,
                            batch_size=self.settings.batch_size)
-        if lease_free(self.pace, limit):
+        buckets = self._buckets()
+        # A rate-limited lane always takes a lease: its bucket's row lock must last only as
+        # long as the claim, not the publish.
+        if lease_free(self.pace, limit) and not buckets:
             return self._process_locked(limit)
         claim = self.rng.getrandbits(63) or 1
         request = ClaimRequest(keys=self.lane.key_list(), limit=limit,
@@ -305,7 +318,18 @@ class Relay:
                                aging=self.settings.priority_aging)
         started = self.monotonic()
         with self.store.transaction() as tx:
+            if buckets:
+                assert isinstance(tx, LimitStoreTransaction)
+                limit, wait = self._take_tokens(tx, buckets, limit)
+                if not limit:
+                    metrics.RATE_LIMITED.labels(self.lane.label).inc()
+                    return BatchReport(token_wait=wait)
+                request = replace(request, limit=limit)
             rows = tx.claim(request)
+            if buckets:  # tokens the claim found no rows for go back
+                assert isinstance(tx, LimitStoreTransaction)
+                for bucket in buckets:
+                    tx.return_tokens(bucket, limit - len(rows))
             if not rows:
                 return BatchReport()
             metrics.BATCHES.inc()
@@ -318,6 +342,49 @@ class Relay:
         report.claimed = len(rows)
         report.full = len(rows) >= limit
         return report
+
+    # -- rate limits ------------------------------------------------------------------------
+
+    def _buckets(self) -> list[Bucket]:
+        """The token buckets this claim draws from: each rate-limited transport of the lane
+        (for a pool, its member serving now, which the pool is then told to publish through)."""
+        self._through = {}
+        buckets: list[Bucket] = []
+        for name in self.lane.names:
+            transport = self.transports.get(name)
+            if transport is None:
+                continue
+            for bucket in buckets_for(transport):
+                buckets.append(bucket)
+                if is_pool(name):
+                    self._through[name] = bucket.transport
+        return buckets
+
+    def _take_tokens(self, tx: LimitStoreTransaction, buckets: Sequence[Bucket],
+                     want: int) -> tuple[int, float]:
+        """Up to ``want`` tokens from every bucket (a fan-out needs one from each): the rows
+        the claim may take, and the seconds until the next token when it may take none."""
+        grants = [tx.take_tokens(bucket, want) for bucket in buckets]
+        granted = min(count for count, _ in grants)
+        for bucket, (count, _) in zip(buckets, grants, strict=True):
+            tx.return_tokens(bucket, count - granted)  # a fan-out: the others' extra tokens
+        if granted:
+            return granted, 0.0
+        wait = max(next_token_in(left, rate=bucket.rate)
+                   for bucket, (_, left) in zip(buckets, grants, strict=True))
+        return 0, wait
+
+    def outage_pause(self) -> float:
+        """Seconds to wait before the next claim after chunks the lane's transport could not
+        deliver at all; a pool says when it next probes a member, and that is sooner."""
+        pause = backoff_after_outage(self.outage)
+        if not pause:
+            return 0.0
+        for name in self.lane.names:
+            retry_after = getattr(self.transports.get(name), "retry_after", None)
+            if callable(retry_after):
+                pause = min(pause, float(retry_after()))
+        return pause
 
     def _process_locked(self, limit: int) -> BatchReport:
         """A claim that publishes in about a second (a broker): one transaction holds the
@@ -360,6 +427,13 @@ class Relay:
                 expired.append(outcome)
             else:
                 failed.append(outcome)
+        if self.receivers is not None and planned:
+            assert isinstance(tx, LimitStoreTransaction)
+            refused = self.receivers.screen(tx, [(p.row.id, p.command, p.data) for p in planned])
+            if refused:
+                failed.extend(Outcome(row_id, reason, attempted=0)
+                              for row_id, reason in refused.items())
+                planned = [p for p in planned if p.row.id not in refused]
         commands = {row.id: row.command for row in rows}
         for outcome in failed:
             metrics.MESSAGES.labels(commands.get(outcome.id, "unknown"), "none", "failed").inc()
@@ -407,6 +481,11 @@ class Relay:
     def _wire(self, tx: StoreTransaction, row: ClaimedRow, command: str, data: Any, name: str,
               expires_at: float | None) -> tuple[str, str, Mapping[str, Any]]:
         transport = self.transports[name]
+        if command == CREATE_OTP and is_pool(name) and transport.options.otp_mode is OtpMode.DEVICE:
+            raise InvalidCommand(
+                "otp_device_pool",
+                f"pool {name!r} cannot keep device-mode OTPs (the code would live on whichever "
+                "device served); set otp=managed on its members")
         if command == CREATE_OTP and transport.options.otp_mode is OtpMode.MANAGED:
             if self.otp is None:
                 raise InvalidCommand(
@@ -495,8 +574,13 @@ class Relay:
         errors: dict[int, list[PublishError]] = {}
         down = False
         recovered = False
+        served: dict[int, str] = {}
         for name, envelopes in by_transport.items():
             failures, raised = self._publish_to(name, envelopes)
+            member = getattr(failures, "served_by", None)
+            if member is not None:
+                served.update((envelope.id, member) for envelope in envelopes
+                              if envelope.id not in failures)
             if failures and len(failures) == len(envelopes) and _transport_down(
                     list(failures.values()), raised=raised):
                 down = True
@@ -508,7 +592,7 @@ class Relay:
                      if (row_errors := errors.get(p.row.id))
                      and all(isinstance(e, NotTried) for e in row_errors)]
         report = self._record(live, errors, bodies, expired, not_tried, claim,
-                              recovered=recovered, tx=tx)
+                              recovered=recovered, tx=tx, served=served)
         return report, down, not_tried
 
     def _publish_to(self, name: str, envelopes: list[Envelope]
@@ -518,7 +602,11 @@ class Relay:
         started = time.perf_counter()
         raised = True
         try:
-            failures = transport.publish(envelopes)
+            through = self._through.get(name)
+            if through is not None:
+                failures = transport.publish(envelopes, through=through)  # type: ignore[call-arg]
+            else:
+                failures = transport.publish(envelopes)
             raised = False
         except PublishError as exc:
             failures = {envelope.id: exc for envelope in envelopes}
@@ -542,7 +630,8 @@ class Relay:
     def _record(self, live: list[_Planned], errors: dict[int, list[PublishError]],
                 bodies: dict[int, list[bytes]], expired: list[Outcome],
                 not_tried: list[ClaimedRow], claim: int | None, *, recovered: bool,
-                tx: StoreTransaction | None = None) -> BatchReport:
+                tx: StoreTransaction | None = None,
+                served: Mapping[int, str] | None = None) -> BatchReport:
         now = self.clock()
         sent: list[int] = []
         log_sent = debug_enabled()
@@ -591,6 +680,10 @@ class Relay:
         with contextlib.ExitStack() as stack:
             if tx is None:
                 tx = stack.enter_context(self.store.transaction())
+            if served:
+                delivered_ids = set(sent)
+                tx.record_served_by({row_id: member for row_id, member in served.items()
+                                     if row_id in delivered_ids}, claim)
             self._write_outcomes(tx, claim, sent=sent, retries=retries, failed=failed,
                                  expired=expired, not_tried=not_tried, recovered=recovered)
         for (command, route, state), count in outcomes.items():
@@ -852,7 +945,9 @@ class RelayService:
                 try:
                     report = relay.process_batch()
                     self._turned(worker)
-                    pause = backoff_after_outage(relay.outage)
+                    # The rate's next token, or the transport's recovery: a NOTIFY must not
+                    # wake us before either is due.
+                    pause = report.token_wait or relay.outage_pause()
                     if pause:
                         stop.wait(pause)
                         continue
@@ -939,10 +1034,11 @@ class RelayService:
 
 
 def _open_named(settings: Settings, names: Sequence[str]) -> dict[str, Transport]:
+    """The lane's transports: each target, a pool built of fresh instances of its members."""
     opened: dict[str, Transport] = {}
     try:
         for name in names:
-            opened[name] = open_transport(name, settings.transports[name], settings)
+            opened[name] = open_target(name, settings)
     except BaseException:
         for transport in opened.values():
             transport.close()

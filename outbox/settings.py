@@ -9,6 +9,9 @@ Transports are named URLs. ``OUTBOX_TRANSPORT`` is the one named ``default``;
 ``OUTBOX_ROUTE_SEND_SMS=sms``) sends a command to a named transport; commands without a route
 go to ``default``. In TOML: a ``[transports]`` table of ``name = "url"`` and a ``[routes]``
 table of ``"send-sms" = "sms"``.
+
+A route is a fan-out (``+``) of targets, each a transport name or a failover pool of names
+(``|``): ``a|b+c`` sends one copy through the pool ``a|b`` and one through ``c``.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from outbox.commands import COMMANDS
+from outbox.commands import COMMANDS, CREATE_OTP, SEND_EMAIL, SEND_SMS
 from outbox.errors import ConfigurationError
+from outbox.scheduling import Rate, parse_rate
 
 DEFAULT_TRANSPORT = "default"
 
@@ -36,6 +40,10 @@ DEFAULT_PRIORITIES: Mapping[str, int] = {
     "send-sms": 5,
     "send-email": 5,
 }
+#: the commands that reach a person, and so fall under ``OUTBOX_RECEIVER_LIMIT``
+PERSONAL_COMMANDS: tuple[str, ...] = (SEND_SMS, SEND_EMAIL, CREATE_OTP)
+#: a per-command receiver limit that switches the limit off for that command
+NO_LIMIT = frozenset({"off", "none", "0"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +53,14 @@ class Settings:
     embedded_dir: str = ".outbox/pgdata"
     transports: Mapping[str, str] = field(default_factory=lambda: {DEFAULT_TRANSPORT: "stdout://"})
     routes: Mapping[str, str] = field(default_factory=dict)
+
+    #: ``3/10m``: at most 3 messages per receiver in any 10 minutes, per command that reaches
+    #: a person (send-sms, send-email, create-otp); None: no limit
+    receiver_limit: str | None = None
+    #: per-command overrides of ``receiver_limit`` (``off`` lifts it for that command)
+    receiver_limits: Mapping[str, str] = field(default_factory=dict)
+    #: how often a failover pool checks a member that is down (and an idle one that is up)
+    pool_probe_interval: float = 5.0
 
     batch_size: int = 200
     workers: int = 1
@@ -123,17 +139,14 @@ class Settings:
         for name, url in self.transports.items():
             if not urlsplit(url).scheme:
                 raise ConfigurationError(f"transport {name!r}: {mask_url(url)!r} is not a URL")
-        for command, route in self.routes.items():
-            if command not in COMMANDS:
+            if not name or any(char in name for char in _ROUTE_OPERATORS):
                 raise ConfigurationError(
-                    f"route for unknown command {command!r} (expected one of: {', '.join(COMMANDS)})"
-                )
-            for name in route_names(route):
-                if name not in self.transports:
-                    raise ConfigurationError(
-                        f"route {command} -> {name!r} names no configured transport "
-                        f"(configured: {', '.join(sorted(self.transports))})"
-                    )
+                    f"transport name {name!r}: a name must not be empty nor contain "
+                    f"{' or '.join(map(repr, _ROUTE_OPERATORS))} (they build routes)")
+        self._validate_routes()
+        self._validate_receiver_limits()
+        if self.pool_probe_interval <= 0:
+            raise ConfigurationError("pool_probe_interval must be a positive duration (e.g. 5s)")
         for name in ("batch_size", "workers", "max_attempts", "otp_ttl", "otp_max_attempts",
                      "gateway_pool_size"):
             if getattr(self, name) < 1:
@@ -193,8 +206,44 @@ class Settings:
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise ConfigurationError("log_level must be debug, info, warning, error or critical")
 
+    def _validate_routes(self) -> None:
+        for command, route in self.routes.items():
+            if command not in COMMANDS:
+                raise ConfigurationError(
+                    f"route for unknown command {command!r} (expected one of: {', '.join(COMMANDS)})"
+                )
+            for target in route_names(route):
+                for name in pool_members(target):
+                    if name not in self.transports:
+                        raise ConfigurationError(
+                            f"route {command} -> {name!r} names no configured transport "
+                            f"(configured: {', '.join(sorted(self.transports))})"
+                        )
+
+    def _validate_receiver_limits(self) -> None:
+        for command in self.receiver_limits:
+            if command not in PERSONAL_COMMANDS:
+                raise ConfigurationError(
+                    f"receiver limit for {command!r}: only commands that reach a person are "
+                    f"limited ({', '.join(PERSONAL_COMMANDS)}); block/unblock never are")
+        for command in PERSONAL_COMMANDS:
+            self.receiver_limit_for(command)
+
+    def receiver_limit_for(self, command: str) -> Rate | None:
+        """The receiver limit of ``command``: its own, else ``receiver_limit``; None: none."""
+        if command not in PERSONAL_COMMANDS:
+            return None
+        text = self.receiver_limits.get(command, self.receiver_limit)
+        if text is None or text.strip().lower() in NO_LIMIT or not text.strip():
+            return None
+        try:
+            return parse_rate(text)
+        except ValueError as exc:
+            raise ConfigurationError(f"receiver limit for {command}: {exc}") from None
+
     def route_for(self, command: str, row_route: str | None) -> tuple[str, ...]:
-        """The transport names a row goes to: its own ``route``, else the command's, else default."""
+        """The targets a row goes to (transport names, or pools like ``a|b``): its own
+        ``route``, else the command's, else default."""
         route = row_route or self.routes.get(command) or DEFAULT_TRANSPORT
         return route_names(route)
 
@@ -230,12 +279,40 @@ def _is_secret(name: str) -> bool:
     return lowered in _SECRET_NAMES or any(word in lowered for word in _SECRET_WORDS)
 
 
+FAN_OUT = "+"
+POOL = "|"
+_ROUTE_OPERATORS = (FAN_OUT, POOL)
+
+
 def route_names(route: str) -> tuple[str, ...]:
-    """``"a"`` is one transport; ``"a+b"`` is an explicit fan-out to both."""
-    names = tuple(part.strip() for part in route.split("+") if part.strip())
-    if not names:
+    """The targets of a route, each published once: ``"a"`` is one transport; ``"a+b"`` an
+    explicit fan-out to both; ``"a|b|c"`` a failover pool (the first member that is up
+    publishes the row); ``"a|b+c"`` a fan-out to the pool ``a|b`` and to ``c`` (``|`` binds
+    tighter than ``+``). A pool comes back normalised (``"a|b"``, no spaces): that is its
+    name in metrics and logs. A transport named twice in one route is refused: it would
+    send the same person two copies, or make a pool fail over to itself."""
+    targets: list[str] = []
+    seen: set[str] = set()
+    for part in route.split(FAN_OUT):
+        members = [name.strip() for name in part.split(POOL) if name.strip()]
+        for name in members:
+            if name in seen:
+                raise ConfigurationError(f"route {route!r} names {name!r} twice")
+            seen.add(name)
+        if members:
+            targets.append(POOL.join(members))
+    if not targets:
         raise ConfigurationError(f"empty route {route!r}")
-    return names
+    return tuple(targets)
+
+
+def pool_members(target: str) -> tuple[str, ...]:
+    """The transport names of one route target: one name, or a pool's members in order."""
+    return tuple(target.split(POOL))
+
+
+def is_pool(target: str) -> bool:
+    return POOL in target
 
 
 def mask_url(url: str) -> str:
@@ -277,11 +354,15 @@ def _check_known(name: str, origin: str, spelled: Any = str) -> None:
     raise ConfigurationError(f"unknown setting {name!r} ({origin}{hint})")
 
 
+#: ``OUTBOX_<PREFIX>_<COMMAND>`` variables, read into the mapping setting of that name
+_PER_COMMAND = (("route_", "routes"), ("priority_", "priorities"),
+                ("receiver_limit_", "receiver_limits"))
+
+
 def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     transports: dict[str, str] = {}
-    routes: dict[str, str] = {}
-    priorities: dict[str, str] = {}
+    per_command: dict[str, dict[str, str]] = {setting: {} for _, setting in _PER_COMMAND}
     if env.get("DATABASE_URL"):
         values["database_url"] = env["DATABASE_URL"]
     for key, raw in env.items():
@@ -293,20 +374,26 @@ def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
             transports[DEFAULT_TRANSPORT] = raw
         elif name.startswith("transport_"):
             transports[name[len("transport_"):]] = raw
-        elif name.startswith("route_"):
-            routes[name[len("route_"):].replace("_", "-")] = raw
-        elif name.startswith("priority_") and name != "priority_aging":
-            priorities[name[len("priority_"):].replace("_", "-")] = raw
+        elif (found := _per_command(name)) is not None:
+            setting, command = found
+            per_command[setting][command] = raw
         else:
             _check_known(name, f"from {key}", lambda known: f"{_ENV_PREFIX}{known.upper()}")
             values[name] = raw
     if transports:
         values["transports"] = transports
-    if routes:
-        values["routes"] = routes
-    if priorities:
-        values["priorities"] = priorities
+    values.update({setting: given for setting, given in per_command.items() if given})
     return values
+
+
+def _per_command(name: str) -> tuple[str, str] | None:
+    """(setting, command) for ``route_send_sms`` and the like; None for other names."""
+    if name in _SETTING_NAMES:  # priority_aging, pool_probe_interval, receiver_limit ...
+        return None
+    for prefix, setting in _PER_COMMAND:
+        if name.startswith(prefix):
+            return setting, name[len(prefix):].replace("_", "-")
+    return None
 
 
 def _read_toml(path: str) -> dict[str, Any]:
@@ -328,7 +415,7 @@ def _read_toml(path: str) -> dict[str, Any]:
 def _coerce(key: str, raw: Any, annotation: Any) -> Any:  # noqa: PLR0911, PLR0912 - one branch per type
     kind = str(annotation)
     try:
-        if key in ("transports", "routes"):
+        if key in ("transports", "routes", "receiver_limits"):
             if not isinstance(raw, Mapping):
                 raise TypeError
             return {str(k): str(v) for k, v in raw.items()}
@@ -394,4 +481,14 @@ def _duration(raw: Any) -> float:
     return float(text)
 
 
-__all__ = ["DEFAULT_PRIORITIES", "DEFAULT_TRANSPORT", "Settings", "mask_url", "parse_duration", "route_names"]
+__all__ = [
+    "DEFAULT_PRIORITIES",
+    "DEFAULT_TRANSPORT",
+    "PERSONAL_COMMANDS",
+    "Settings",
+    "is_pool",
+    "mask_url",
+    "parse_duration",
+    "pool_members",
+    "route_names",
+]

@@ -41,7 +41,7 @@ published again (at-least-once). The row id on the wire lets consumers drop the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -201,6 +201,80 @@ SET state = 'expired', attempts = m.attempts + u.attempted, last_error = u.reaso
     claimed_by = NULL, claim = NULL, data = m.data - 'message' - 'subject'
 FROM unnest(%s::bigint[], %s::text[], %s::int[]) AS u(id, reason, attempted)
 WHERE m.id = u.id AND m.claim IS NOT DISTINCT FROM %s::bigint AND m.state = 'pending'
+"""
+
+# Which member of a failover pool delivered each row (before MARK_SENT, under the same
+# claim): rows of plain routes keep NULL and cost nothing.
+RECORD_SERVED_BY = """
+UPDATE outbox.message AS m
+SET served_by = u.member
+FROM unnest(%s::bigint[], %s::text[]) AS u(id, member)
+WHERE m.id = u.id AND m.claim IS NOT DISTINCT FROM %s::bigint AND m.state = 'pending'
+"""
+
+# --- rate limits: one token bucket per rate-limited transport (outbox.rate_bucket) ---------
+
+# Refill since the bucket's clock, capped at the burst: ``scheduling.take_tokens`` in SQL,
+# written once here and used in every expression of TAKE_TOKENS (each sees the old row).
+# The bucket's clock is the server's: relays on several hosts share it.
+_REFILLED = """least(%(burst)s::float8,
+      b.tokens + greatest(extract(epoch FROM now()) - b.updated_at, 0) * %(rate)s::float8)"""
+_GRANTED = f"greatest(0, least(%(want)s::int, floor({_REFILLED} + 1e-9)::int))"
+
+# Takes up to %(want)s tokens in one atomic statement; the first use creates the bucket full.
+# The row stays locked until the claim transaction ends, so every worker of every relay
+# takes its tokens one after the other: between them they never get more than
+# burst + rate * T tokens in any T seconds. Returns the tokens granted and those left.
+TAKE_TOKENS = f"""
+INSERT INTO outbox.rate_bucket AS b (transport, tokens, updated_at, granted)
+VALUES (%(transport)s,
+        %(burst)s::float8 - least(%(want)s::int, %(burst)s::int),
+        extract(epoch FROM now()),
+        least(%(want)s::int, %(burst)s::int))
+ON CONFLICT (transport) DO UPDATE
+SET granted = {_GRANTED},
+    tokens = greatest({_REFILLED} - {_GRANTED}, 0),
+    updated_at = greatest(extract(epoch FROM now()), b.updated_at)
+RETURNING granted, tokens
+"""  # noqa: S608 - assembled from the constants above; every value is a parameter
+
+# Tokens taken by a claim that found fewer rows than it had tokens for go back (the bucket
+# row is already locked by this transaction).
+RETURN_TOKENS = """
+UPDATE outbox.rate_bucket
+SET tokens = least(%(burst)s::float8, tokens + %(count)s)
+WHERE transport = %(transport)s
+"""
+
+# --- receiver limits (outbox.receiver_window: keyed digests, never the receiver) ---------
+
+# Claims that look at the same receiver take their turns: a transaction-scoped advisory
+# lock per receiver digest, taken in key order so that two claims never deadlock.
+LOCK_RECEIVERS = """
+SELECT count(pg_advisory_xact_lock(key))
+FROM (SELECT DISTINCT key FROM unnest(%s::bigint[]) AS key ORDER BY key) AS ordered
+"""
+
+# Places taken in each receiver's window by other messages than those being claimed.
+COUNT_RECEIVER_PLACES = """
+SELECT q.digest, count(*)::int
+FROM unnest(%(digests)s::bytea[], %(windows)s::float8[]) AS q(digest, window_seconds)
+JOIN outbox.receiver_window AS w
+  ON w.digest = q.digest AND w.taken_at > now() - make_interval(secs => q.window_seconds)
+WHERE NOT w.message_id = ANY(%(ids)s::bigint[])
+GROUP BY q.digest
+"""
+
+# The claimed rows that already hold a place (an earlier attempt took it): a retry is never
+# refused by its own earlier attempt.
+RECEIVER_PLACES_HELD = """
+SELECT message_id FROM outbox.receiver_window WHERE message_id = ANY(%s::bigint[])
+"""
+
+TAKE_RECEIVER_PLACES = """
+INSERT INTO outbox.receiver_window (message_id, digest)
+SELECT * FROM unnest(%s::bigint[], %s::bytea[])
+ON CONFLICT (message_id) DO NOTHING
 """
 
 # Claimed but not tried (a stop, a lost lease, a transport that stopped answering): the row
@@ -406,6 +480,26 @@ class StoredOtp:
     expired: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """A rate-limited transport's token bucket, as TAKE_TOKENS keeps it."""
+
+    transport: str
+    #: tokens per second
+    rate: float
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiverClaim:
+    """A claimed row that falls under a receiver limit."""
+
+    id: int
+    #: keyed digest of (command, canonical receiver): 16 bytes
+    digest: bytes
+    window: float
+
+
 class StoreTransaction(Protocol):
     """``claim`` None in the record statements: rows of a locked claim (no lease)."""
 
@@ -414,6 +508,7 @@ class StoreTransaction(Protocol):
         """Rows locked for this transaction only: no lease (``request.claim`` unused)."""
 
     def mark_sent(self, ids: Sequence[int], claim: int | None) -> None: ...
+    def record_served_by(self, served: Mapping[int, str], claim: int | None) -> None: ...
     def schedule_retry(self, rows: Sequence[Rescheduled], claim: int | None) -> None: ...
     def mark_failed(self, rows: Sequence[Outcome], claim: int | None) -> None: ...
     def mark_expired(self, rows: Sequence[Outcome], claim: int | None) -> None: ...
@@ -422,6 +517,16 @@ class StoreTransaction(Protocol):
 
     def release_retries(self, keys: Sequence[str], limit: int) -> int:
         """Make up to ``limit`` rows of these lane keys that wait to retry due now; how many."""
+
+
+@runtime_checkable
+class LimitStoreTransaction(Protocol):
+    """The rate- and receiver-limit statements; both store implementations provide them."""
+
+    def take_tokens(self, bucket: Bucket, want: int) -> tuple[int, float]: ...
+    def return_tokens(self, bucket: Bucket, count: int) -> None: ...
+    def receiver_places(self, claims: Sequence[ReceiverClaim]) -> tuple[dict[bytes, int], set[int]]: ...
+    def take_receiver_places(self, claims: Sequence[ReceiverClaim]) -> None: ...
 
 
 @runtime_checkable
@@ -482,6 +587,11 @@ class PostgresTransaction:
             self._cursor.execute(MARK_SENT_BLANKING_TEXTS if self._blank_texts else MARK_SENT,
                                  (list(ids), claim))
 
+    def record_served_by(self, served: Mapping[int, str], claim: int | None) -> None:
+        """Which pool member delivered each of these rows (they are marked sent next)."""
+        if served:
+            self._cursor.execute(RECORD_SERVED_BY, (list(served), list(served.values()), claim))
+
     def schedule_retry(self, rows: Sequence[Rescheduled], claim: int | None) -> None:
         if rows:
             self._cursor.execute(SCHEDULE_RETRY, ([r.id for r in rows], [r.at for r in rows],
@@ -531,6 +641,47 @@ class PostgresTransaction:
         self._cursor.execute(COUNT_OTP_FAILURE, (reference,))
         row = self._cursor.fetchone()
         return 0 if row is None else int(row[0])
+
+    # -- rate limits -------------------------------------------------------------------------
+
+    def take_tokens(self, bucket: Bucket, want: int) -> tuple[int, float]:
+        """Up to ``want`` tokens from ``bucket``: (granted, tokens left). The bucket stays
+        locked until this transaction ends."""
+        self._cursor.execute(TAKE_TOKENS, {"transport": bucket.transport, "rate": bucket.rate,
+                                           "burst": bucket.burst, "want": want})
+        row = self._cursor.fetchone()
+        assert row is not None
+        return int(row[0]), float(row[1])
+
+    def return_tokens(self, bucket: Bucket, count: int) -> None:
+        if count > 0:
+            self._cursor.execute(RETURN_TOKENS, {"transport": bucket.transport,
+                                                 "burst": bucket.burst, "count": count})
+
+    # -- receiver limits ---------------------------------------------------------------------
+
+    def receiver_places(self, claims: Sequence[ReceiverClaim]) -> tuple[dict[bytes, int], set[int]]:
+        """Lock the claims' receivers (until this transaction ends) and read their windows:
+        places taken by other messages per digest, and the claims that hold a place."""
+        if not claims:
+            return {}, set()
+        ids = [claim.id for claim in claims]
+        keys = [int.from_bytes(claim.digest[:8], "big", signed=True) for claim in claims]
+        self._cursor.execute(LOCK_RECEIVERS, (keys,))
+        windows: dict[bytes, float] = {}
+        for claim in claims:
+            windows[claim.digest] = max(windows.get(claim.digest, 0.0), claim.window)
+        self._cursor.execute(COUNT_RECEIVER_PLACES, {
+            "digests": list(windows), "windows": list(windows.values()), "ids": ids})
+        taken = {bytes(digest): int(count) for digest, count in self._cursor.fetchall()}
+        self._cursor.execute(RECEIVER_PLACES_HELD, (ids,))
+        held = {int(row[0]) for row in self._cursor.fetchall()}
+        return taken, held
+
+    def take_receiver_places(self, claims: Sequence[ReceiverClaim]) -> None:
+        if claims:
+            self._cursor.execute(TAKE_RECEIVER_PLACES, ([c.id for c in claims],
+                                                        [c.digest for c in claims]))
 
     @property
     def connection(self) -> psycopg.Connection[Any]:
@@ -656,13 +807,16 @@ __all__ = [
     "CHANNEL",
     "LOWEST_PRIORITY",
     "AcceptedMessage",
+    "Bucket",
     "ClaimRequest",
     "ClaimedRow",
     "IssuedOtp",
+    "LimitStoreTransaction",
     "OtpStoreTransaction",
     "Outcome",
     "PostgresStore",
     "PostgresTransaction",
+    "ReceiverClaim",
     "Rescheduled",
     "Store",
     "StoreTransaction",

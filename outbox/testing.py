@@ -11,15 +11,25 @@ import itertools
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from outbox.commands import validate
 from outbox.errors import PublishError
+from outbox.scheduling import take_tokens
 from outbox.settings import DEFAULT_PRIORITIES
-from outbox.store import ClaimedRow, ClaimRequest, IssuedOtp, Outcome, Rescheduled, StoredOtp
+from outbox.store import (
+    Bucket,
+    ClaimedRow,
+    ClaimRequest,
+    IssuedOtp,
+    Outcome,
+    ReceiverClaim,
+    Rescheduled,
+    StoredOtp,
+)
 from outbox.transports.base import Envelope, Failures, TransportOptions
 
 
@@ -86,6 +96,7 @@ class MemoryRow:
     ordering_key: str | None = None
     claimed_by: str | None = None
     claim: int | None = None
+    served_by: str | None = None
 
 
 @dataclass
@@ -118,6 +129,10 @@ class MemoryStore:
     _claimed: set[int] = field(default_factory=set)
     #: ``outbox.otp`` by reference
     otps: dict[str, MemoryOtp] = field(default_factory=dict)
+    #: ``outbox.rate_bucket``: transport -> (tokens, updated_at)
+    buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: ``outbox.receiver_window``: message id -> (digest, taken_at)
+    receiver_window: dict[int, tuple[bytes, float]] = field(default_factory=dict)
 
     def insert(self, command: str, data: Any, *, route: str | None = None,
                dedup_key: str | None = None, available_at: float | None = None,
@@ -240,6 +255,36 @@ class _MemoryTransaction:
 
     def mark_failed(self, rows: Sequence[Outcome], claim: int | None) -> None:
         self._finish(rows, "failed", claim)
+
+    def take_tokens(self, bucket: Bucket, want: int) -> tuple[int, float]:
+        tokens, updated = self.store.buckets.get(bucket.transport, (float(bucket.burst),
+                                                                    self.store.clock()))
+        grant = take_tokens(tokens, updated, self.store.clock(), rate=bucket.rate,
+                            burst=bucket.burst, want=want)
+        self.store.buckets[bucket.transport] = (grant.tokens, grant.updated_at)
+        return grant.granted, grant.tokens
+
+    def return_tokens(self, bucket: Bucket, count: int) -> None:
+        tokens, updated = self.store.buckets[bucket.transport]
+        self.store.buckets[bucket.transport] = (min(float(bucket.burst), tokens + count), updated)
+
+    def receiver_places(self, claims: Sequence[ReceiverClaim]) -> tuple[dict[bytes, int], set[int]]:
+        now = self.store.clock()
+        ids = {claim.id for claim in claims}
+        windows = {claim.digest: claim.window for claim in claims}
+        taken: dict[bytes, int] = {}
+        for message_id, (digest, at) in self.store.receiver_window.items():
+            if digest in windows and at > now - windows[digest] and message_id not in ids:
+                taken[digest] = taken.get(digest, 0) + 1
+        return taken, ids & set(self.store.receiver_window)
+
+    def take_receiver_places(self, claims: Sequence[ReceiverClaim]) -> None:
+        for claim in claims:
+            self.store.receiver_window.setdefault(claim.id, (claim.digest, self.store.clock()))
+
+    def record_served_by(self, served: Mapping[int, str], claim: int | None) -> None:
+        for row in self._held(list(served), claim):
+            row.served_by = served[row.id]
 
     def mark_expired(self, rows: Sequence[Outcome], claim: int | None) -> None:
         self._finish(rows, "expired", claim)

@@ -13,6 +13,9 @@ scheme                  module                          OTP mode default
 ======================  ==============================  ==================
 
 Modules are imported on first use, so a deployment that only speaks REST never imports pika.
+
+A route target ``a|b`` is a failover pool (:mod:`.pool`): one transport made of fresh
+instances of its members, so the relay sees one transport per route target.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import importlib
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
+from outbox.commands import CREATE_OTP
 from outbox.errors import ConfigurationError
-from outbox.settings import Settings, mask_url
+from outbox.scheduling import ProbePolicy
+from outbox.settings import Settings, is_pool, mask_url, pool_members, route_names
 from outbox.transports.base import (
     Envelope,
     Failures,
@@ -81,11 +86,48 @@ def open_transport(name: str, url: str, settings: Settings) -> Transport:
     return transport
 
 
+def probe_policy(settings: Settings) -> ProbePolicy:
+    """A pool probes down members every ``pool_probe_interval``; a member that keeps
+    flapping, at doubling intervals up to twelve times that (a minute by default)."""
+    return ProbePolicy(settings.pool_probe_interval, 12 * settings.pool_probe_interval)
+
+
+def open_target(target: str, settings: Settings) -> Transport:
+    """The transport of one route target: a configured name, or a pool ``a|b`` built of
+    fresh instances of its members (its own connections and its own prober)."""
+    if not is_pool(target):
+        return open_transport(target, settings.transports[target], settings)
+    from outbox.transports.pool import PoolTransport  # noqa: PLC0415 - only pools need it
+
+    members: list[Transport] = []
+    try:
+        for name in pool_members(target):
+            members.append(open_transport(name, settings.transports[name], settings))
+        return PoolTransport(target, members, policy=probe_policy(settings))
+    except BaseException:
+        for member in members:
+            member.close()
+        raise
+
+
+def configured_pools(settings: Settings) -> list[str]:
+    """The pools the configured routes name, each once."""
+    pools: dict[str, None] = {}
+    for route in settings.routes.values():
+        for target in route_names(route):
+            if is_pool(target):
+                pools[target] = None
+    return list(pools)
+
+
 def open_transports(settings: Settings) -> dict[str, Transport]:
+    """Every configured transport, and every pool the configured routes name."""
     opened: dict[str, Transport] = {}
     try:
         for name, url in settings.transports.items():
             opened[name] = open_transport(name, url, settings)
+        for pool in configured_pools(settings):
+            opened[pool] = open_target(pool, settings)
     except BaseException:
         for transport in opened.values():
             transport.close()
@@ -94,9 +136,33 @@ def open_transports(settings: Settings) -> dict[str, Transport]:
 
 
 def validate_transports(settings: Settings) -> None:
-    """Check every transport URL at start-up without connecting anywhere."""
-    for url in settings.transports.values():
-        transport_options(url, settings)
+    """Check every transport URL at start-up without connecting anywhere, and that every
+    pool's members can publish the same envelopes."""
+    options = {name: transport_options(url, settings)[1]
+               for name, url in settings.transports.items()}
+    for command, route in settings.routes.items():
+        for target in route_names(route):
+            if is_pool(target):
+                validate_pool(target, {name: options[name] for name in pool_members(target)},
+                              serves_otps=command == CREATE_OTP)
+
+
+def validate_pool(target: str, members: Mapping[str, TransportOptions], *,
+                  serves_otps: bool) -> None:
+    """Refuse a pool whose members would need different envelopes, or that would keep
+    device-mode OTPs (the code lives on the one device that drew it)."""
+    for what, field in (("dialect", "dialect"), ("otp mode", "otp_mode")):
+        seen = {name: str(getattr(option, field).value) for name, option in members.items()}
+        if len(set(seen.values())) > 1:
+            shown = ", ".join(f"{name}: {value}" for name, value in seen.items())
+            raise ConfigurationError(
+                f"pool {target!r}: its members differ in {what} ({shown}); a row is encoded "
+                "once, before the member is chosen, so they must agree")
+    if serves_otps and any(option.otp_mode is OtpMode.DEVICE for option in members.values()):
+        raise ConfigurationError(
+            f"pool {target!r} carries create-otp with otp=device: the code would live on "
+            "whichever device served and validation could not know which; set otp=managed "
+            "on its members (needs OUTBOX_OTP_SECRET) or route create-otp to one device")
 
 
 __all__ = [
@@ -107,8 +173,12 @@ __all__ = [
     "OtpMode",
     "Transport",
     "TransportOptions",
+    "configured_pools",
+    "open_target",
     "open_transport",
     "open_transports",
+    "probe_policy",
     "transport_options",
+    "validate_pool",
     "validate_transports",
 ]

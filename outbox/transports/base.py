@@ -21,6 +21,7 @@ from tenacity import (
 
 from outbox.commands import Dialect
 from outbox.errors import ConfigurationError, PublishError, TransientPublishError
+from outbox.scheduling import Rate, default_burst, parse_rate
 
 
 class OtpMode(StrEnum):
@@ -76,17 +77,21 @@ class TransportOptions:
     dialect: Dialect = Dialect.OTP_PI
     otp_mode: OtpMode = OtpMode.MANAGED
     timeout: float = 10.0
+    #: ``rate=10/m``: the most the peer is sent, across every worker and relay (None: no limit)
+    rate: Rate | None = None
+    #: ``burst=N``: tokens the rate's bucket holds (see ``scheduling.default_burst``)
+    burst: int = 1
     extra: Mapping[str, str] = field(default_factory=dict)
 
 
-OUR_QUERY_KEYS = frozenset({"dialect", "otp", "timeout"})
+OUR_QUERY_KEYS = frozenset({"dialect", "otp", "timeout", "rate", "burst"})
 
 
 def split_url(url: str, *, default_otp: OtpMode, timeout: float) -> tuple[str, TransportOptions]:
     """Separate outbox's own query parameters from the URL handed to the library.
 
-    Returns the URL without ``dialect``/``otp``/``timeout`` and the parsed options; every
-    other query parameter is kept in ``options.extra`` *and* in the URL.
+    Returns the URL without ``dialect``/``otp``/``timeout``/``rate``/``burst`` and the parsed
+    options; every other query parameter is kept in ``options.extra`` *and* in the URL.
     """
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
@@ -106,9 +111,30 @@ def split_url(url: str, *, default_otp: OtpMode, timeout: float) -> tuple[str, T
         timeout = float(ours.get("timeout", timeout))
     except ValueError:
         raise ConfigurationError(f"timeout {ours['timeout']!r} is not a number of seconds") from None
+    rate, burst = _rate_and_burst(ours.get("rate"), ours.get("burst"))
     stripped = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(rest), parts.fragment))
     return stripped, TransportOptions(dialect=dialect, otp_mode=otp_mode, timeout=timeout,
-                                      extra=dict(rest))
+                                      rate=rate, burst=burst, extra=dict(rest))
+
+
+def _rate_and_burst(rate_text: str | None, burst_text: str | None) -> tuple[Rate | None, int]:
+    if rate_text is None:
+        if burst_text is not None:
+            raise ConfigurationError("burst needs a rate (for example rate=10/m&burst=2)")
+        return None, 1
+    try:
+        rate = parse_rate(rate_text)
+    except ValueError as exc:
+        raise ConfigurationError(f"rate: {exc}") from None
+    if burst_text is None:
+        return rate, default_burst(rate)
+    try:
+        burst = int(burst_text)
+    except ValueError:
+        burst = 0
+    if burst < 1:
+        raise ConfigurationError(f"burst {burst_text!r} must be a whole number of messages, at least 1")
+    return rate, burst
 
 
 #: connection attempts inside one publish/check call; durable retries are the relay's job

@@ -38,6 +38,7 @@ module in its ``pytest_plugins``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import random
@@ -98,6 +99,8 @@ class Request:
     headers: tuple[tuple[str, str], ...]
     #: the raw body bytes (for a chunked body: the chunk payloads joined)
     body: bytes
+    #: when the request arrived (Unix seconds)
+    at: float = field(default_factory=time.time)
 
     def header(self, name: str) -> str | None:
         for key, value in self.headers:
@@ -169,12 +172,17 @@ class OtpPi:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stopping: threading.Event = field(default_factory=threading.Event)
     _server: ThreadingHTTPServer | None = None
+    _last_port: int = 0
     _thread: threading.Thread | None = None
 
     # -- life cycle ------------------------------------------------------------------------
 
     def start(self) -> OtpPi:
-        server = _Server(("127.0.0.1", 0), _Handler)
+        """Serve on a free loopback port; after a :meth:`stop`, on the same port again (a
+        device switched off and on)."""
+        self._stopping.clear()
+        server = _Server(("127.0.0.1", self._last_port), _Handler)
+        self._last_port = int(server.server_address[1])
         server.device = self
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
@@ -187,6 +195,10 @@ class OtpPi:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+            # Open keep-alive connections go too: a device switched off answers nothing.
+            for connection in list(self._server.connections):
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
             self._server = None
         if self._thread is not None:
             self._thread.join(5)
@@ -200,8 +212,9 @@ class OtpPi:
 
     @property
     def port(self) -> int:
-        assert self._server is not None, "start() the device first"
-        return int(self._server.server_address[1])
+        """The port it serves on (or served on, while stopped)."""
+        assert self._last_port, "start() the device first"
+        return self._last_port
 
     def url(self, path: str = "/api/otp", *, user: str | None = None,
             password: str | None = None, **query: str) -> str:
@@ -424,6 +437,18 @@ def _java_format(template: str, otp: str) -> str | None:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     device: OtpPi
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connections: set[socket.socket] = set()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        self.connections.discard(request)
+        super().shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         import sys  # noqa: PLC0415

@@ -91,3 +91,89 @@ def test_mask_url_keeps_what_helps() -> None:
         "amqp://guest:***@localhost:5672/%2F?topic=sms"
     assert mask_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
     assert mask_url("ws://user@relay/ws?topic=a") == "ws://user@relay/ws?topic=a"
+
+
+# --- failover pools and fan-out -----------------------------------------------------------
+
+POOL_ENV = {"OUTBOX_TRANSPORT": "stdout://", "OUTBOX_TRANSPORT_A": "stdout://",
+            "OUTBOX_TRANSPORT_B": "stdout://", "OUTBOX_TRANSPORT_C": "stdout://"}
+
+
+@pytest.mark.parametrize(("route", "targets"), [
+    ("a", ("a",)),
+    ("a+b", ("a", "b")),
+    ("a|b", ("a|b",)),
+    (" a | b | c ", ("a|b|c",)),
+    ("a|b+c", ("a|b", "c")),
+    ("c+a|b", ("c", "a|b")),
+])
+def test_pipe_is_a_pool_and_binds_tighter_than_plus(route: str, targets: tuple[str, ...]) -> None:
+    settings = Settings.from_env({**POOL_ENV, "OUTBOX_ROUTE_SEND_SMS": route})
+    assert settings.route_for("send-sms", None) == targets
+
+
+@pytest.mark.parametrize(("route", "message"), [
+    ("a|a", "route 'a|a' names 'a' twice"),
+    ("a|b+a", "names 'a' twice"),
+    ("a|x", "route send-sms -> 'x' names no configured transport"),
+    ("|", "empty route"),
+])
+def test_bad_pools_are_refused_by_name(route: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        Settings.from_env({**POOL_ENV, "OUTBOX_ROUTE_SEND_SMS": route})
+
+
+def test_pool_members_must_agree_on_dialect_and_otp_mode() -> None:
+    with pytest.raises(ConfigurationError, match=r"pool 'a\|b': its members differ in dialect"):
+        Settings.from_env({**POOL_ENV, "OUTBOX_TRANSPORT_B": "stdout://?dialect=readme",
+                           "OUTBOX_ROUTE_SEND_SMS": "a|b"})
+
+
+def test_a_pool_of_devices_cannot_keep_device_mode_otps() -> None:
+    env = {**POOL_ENV, "OUTBOX_TRANSPORT_A": "http://u:p@10.0.0.1:8899/api/otp",
+           "OUTBOX_TRANSPORT_B": "http://u:p@10.0.0.2:8899/api/otp"}
+    Settings.from_env({**env, "OUTBOX_ROUTE_SEND_SMS": "a|b"})  # SMS: fine
+    with pytest.raises(ConfigurationError, match="otp=device"):
+        Settings.from_env({**env, "OUTBOX_ROUTE_CREATE_OTP": "a|b"})
+    managed = {**env, "OUTBOX_TRANSPORT_A": env["OUTBOX_TRANSPORT_A"] + "?otp=managed",
+               "OUTBOX_TRANSPORT_B": env["OUTBOX_TRANSPORT_B"] + "?otp=managed"}
+    Settings.from_env({**managed, "OUTBOX_ROUTE_CREATE_OTP": "a|b"})
+
+
+def test_transport_names_cannot_hold_route_operators(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.toml"
+    path.write_text('[transports]\ndefault = "stdout://"\n"a|b" = "stdout://"\n')
+    with pytest.raises(ConfigurationError, match="must not be empty nor contain"):
+        Settings.from_env({"OUTBOX_CONFIG": str(path)})
+
+
+# --- rate limits and receiver limits ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("query", "message"), [
+    ("rate=fast", "'fast' is not a rate"),
+    ("rate=10/m&burst=0", "burst '0' must be a whole number"),
+    ("burst=3", "burst needs a rate"),
+])
+def test_bad_rates_on_a_transport_url_are_refused(query: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        Settings.from_env({"OUTBOX_TRANSPORT": f"stdout://?{query}"})
+
+
+def test_receiver_limits_per_command() -> None:
+    settings = Settings.from_env({"OUTBOX_RECEIVER_LIMIT": "3/10m",
+                                  "OUTBOX_RECEIVER_LIMIT_SEND_EMAIL": "off",
+                                  "OUTBOX_RECEIVER_LIMIT_CREATE_OTP": "5/10m"})
+    assert str(settings.receiver_limit_for("send-sms")) == "3/10m"
+    assert settings.receiver_limit_for("send-email") is None
+    assert str(settings.receiver_limit_for("create-otp")) == "5/10m"
+    assert settings.receiver_limit_for("block-msisdn") is None
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"OUTBOX_RECEIVER_LIMIT": "lots"}, "receiver limit for send-sms: 'lots' is not a rate"),
+    ({"OUTBOX_RECEIVER_LIMIT_BLOCK_MSISDN": "1/m"}, "block/unblock never are"),
+])
+def test_bad_receiver_limits_are_refused(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        Settings.from_env(env)
