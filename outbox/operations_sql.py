@@ -275,6 +275,18 @@ WHERE o.reference = picked.reference
 """
 PURGE_FAILED_BATCH = _PURGE_BATCH.format(states="state = 'failed'")
 
+# Places in receivers' limit windows (outbox.receiver_window) older than every window: they
+# count for nothing any more.
+PURGE_RECEIVER_WINDOW_BATCH = """
+DELETE FROM outbox.receiver_window AS w
+USING (SELECT message_id FROM outbox.receiver_window
+       WHERE taken_at < now() - make_interval(secs => %(keep)s)
+       ORDER BY taken_at
+       LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED) AS picked
+WHERE w.message_id = picked.message_id
+"""
+
 # Whether autovacuum looks after the table (the server setting and the table's own), and how
 # many dead rows it carries: when nobody vacuums, the purger does (see outbox.retention).
 AUTOVACUUM_STATE = """
@@ -328,6 +340,7 @@ __all__ = [
     "PURGE_CUTOFFS",
     "PURGE_FAILED_BATCH",
     "PURGE_OTP_BATCH",
+    "PURGE_RECEIVER_WINDOW_BATCH",
     "PURGE_TERMINAL_BATCH",
     "RECENT_SENT",
     "RECENT_SENT_BY_MEMBER",

@@ -29,7 +29,7 @@ import psycopg
 from outbox import metrics
 from outbox import operations_sql as sql
 from outbox.logs import get_logger
-from outbox.settings import Settings
+from outbox.settings import PERSONAL_COMMANDS, Settings
 
 log = get_logger("outbox.retention")
 
@@ -102,6 +102,7 @@ def purge(connection: psycopg.Connection[Any], settings: Settings, *,
                 break
         if not report.interrupted:
             report = _purge_otps(connection, cutoffs[0], batch_size, report)
+            _purge_receiver_window(connection, settings, batch_size)
         if not report.interrupted:
             vacuum_if_nobody_does(connection)
     finally:
@@ -113,6 +114,23 @@ def purge(connection: psycopg.Connection[Any], settings: Settings, *,
 
 
 _BEFORE_EVERYTHING = datetime(1, 1, 1, tzinfo=UTC)
+
+#: places in receivers' limit windows are kept at least this long (a relay whose settings
+#: name a longer window than the purging relay's still finds its places)
+RECEIVER_WINDOW_KEEP = 86400.0
+
+
+def _purge_receiver_window(connection: psycopg.Connection[Any], settings: Settings,
+                           batch_size: int) -> None:
+    windows = [limit.period for command in PERSONAL_COMMANDS
+               if (limit := settings.receiver_limit_for(command)) is not None]
+    keep = max([RECEIVER_WINDOW_KEEP, *windows])
+    while True:
+        with connection.transaction():
+            deleted = connection.execute(sql.PURGE_RECEIVER_WINDOW_BATCH,
+                                         {"keep": keep, "limit": batch_size}).rowcount
+        if deleted < batch_size:
+            return
 
 
 def _purge_older_than(connection: psycopg.Connection[Any], statement: str, cutoff: datetime,

@@ -230,3 +230,13 @@ def test_two_relay_processes_share_one_rate(conn: psycopg.Connection[Any], clean
         assert inside <= burst + rate * (window + spread), (inside, at)
     tokens = conn.execute("SELECT transport FROM outbox.rate_bucket").fetchall()
     assert tokens == [("default",)]
+
+
+def test_retention_purges_places_older_than_every_window(conn: psycopg.Connection[Any]) -> None:
+    from outbox.retention import purge  # noqa: PLC0415
+
+    conn.execute("INSERT INTO outbox.receiver_window (message_id, digest, taken_at) VALUES "
+                 "(1, %s, now() - interval '3 days'), (2, %s, now() - interval '1 hour')",
+                 (b"a" * 16, b"b" * 16))
+    assert purge(conn, Settings(receiver_limit="3/10m")) is not None
+    assert conn.execute("SELECT message_id FROM outbox.receiver_window").fetchall() == [(2,)]
