@@ -296,8 +296,28 @@ def receiver_limit_cost(url: str, logs: Path, *, rounds: int = 21, per_round: in
     result["drain_per_second"] = drains
     result["relay_drain_ratio"] = statistics.median(drains["on"]) / statistics.median(
         drains["off"])
+    result.update(pool_cost(url, logs, drain_rows))
     reset(url)
     return result
+
+
+def pool_cost(url: str, logs: Path, rows: int) -> dict[str, Any]:
+    """What a pool costs a fast transport: drains to stdout through route ``a|b`` (the pool,
+    and ``served_by`` written for every sent row) against route ``a``, interleaved."""
+    rates: dict[str, list[float]] = {"a": [], "a|b": []}
+    for turn, route in enumerate(("a", "a|b", "a", "a|b", "a")):
+        reset(url)
+        with connect(url) as conn:
+            conn.execute(SEED_DISTINCT, {"rows": rows, "text": sample_data(0)["message"]})
+        with RelayProcess(url, "stdout://", RelayConfig(batch_size=500, workers=2),
+                          log=logs / "bench-pool-cost.log", OUTBOX_TRANSPORT_A="stdout://",
+                          OUTBOX_TRANSPORT_B="stdout://", OUTBOX_ROUTE_SEND_SMS=route):
+            wait_until_drained(url, rows, timeout=300, label=f"route {route} ")
+        _, per_second = sent_rate(url)
+        rates[route].append(per_second)
+        progress(f"pool cost {turn + 1}/5, route {route}: {per_second:,.0f}/s")
+    return {"pool_drain_per_second": rates,
+            "pool_drain_ratio": statistics.median(rates["a|b"]) / statistics.median(rates["a"])}
 
 
 def _s(value: float | None) -> str:
