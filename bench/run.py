@@ -61,7 +61,7 @@ from bench.common import (
 )
 
 SECTIONS = ("enqueue", "throughput", "latency", "scaling", "peer", "long", "console",
-            "limits")
+            "limits", "gateway")
 TRANSPORTS = ("amqp", "redis", "mqtt", "http", "stdout")
 #: the transport module each section needs: a section runs once its module exists
 MODULES = {"amqp": "outbox.transports.rabbitmq", "redis": "outbox.transports.redis_pubsub",
@@ -479,6 +479,11 @@ class Bench:
 
         return console.run(rows=self.sizes.console_rows)
 
+    def gateway(self) -> dict[str, Any]:
+        from bench import gateway  # noqa: PLC0415 - its own module (issue 15)
+
+        return gateway.run(self.url, self.log("gateway"), quick=self.sizes is QUICK)
+
     def long(self) -> dict[str, Any]:
         missing = self.available("amqp")
         if missing:
@@ -762,6 +767,10 @@ def table(results: dict[str, Any]) -> list[str]:
             f"{console['endpoint']['median_ms']:,.0f} ms) | `outbox status` "
             f"{console['status']['median_ms']:,.0f} ms | {console['overview_to_status']:.2f}x | "
             f"< 1 s | {verdict(console['endpoint']['median_ms'] < 1000)} |")
+    if "gateway" in results:
+        from bench import gateway  # noqa: PLC0415
+
+        rows.extend(gateway.table_rows(results["gateway"]))
     return rows
 
 

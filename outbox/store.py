@@ -796,6 +796,21 @@ class AcceptedMessage(NamedTuple):
     enqueued_by: str | None
 
 
+SELECT_ACCEPTED_MANY = """
+SELECT id, command, data, extract(epoch FROM created_at)::float8, enqueued_by
+FROM outbox.message WHERE id = ANY(%s)
+"""
+
+
+def read_accepted_many(cursor: Any, message_ids: Sequence[int]) -> dict[int, AcceptedMessage]:
+    """:func:`read_accepted` for many rows in one statement (a gateway batch)."""
+    if not message_ids:
+        return {}
+    cursor.execute(SELECT_ACCEPTED_MANY, (list(message_ids),))
+    return {int(row[0]): AcceptedMessage(row[1], row[2], row[3], row[4])
+            for row in cursor.fetchall()}
+
+
 def read_accepted(cursor: Any, message_id: int) -> AcceptedMessage | None:
     """The command, data, creation time and enqueuer of row ``message_id`` (None once purged)."""
     cursor.execute(SELECT_ACCEPTED, (message_id,))
@@ -827,4 +842,5 @@ __all__ = [
     "lock_otp_reference",
     "otp_reference_is_live",
     "read_accepted",
+    "read_accepted_many",
 ]

@@ -30,7 +30,7 @@ import json
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,9 +73,10 @@ from outbox.store import (
     find_message_by_dedup_key,
     lock_otp_reference,
     otp_reference_is_live,
-    read_accepted,
+    read_accepted_many,
 )
 from outbox.transports import OtpMode
+from outbox.web.batching import GroupCommit
 
 log = get_logger("outbox.gateway")
 
@@ -96,6 +97,8 @@ MAX_BODY_BYTES = 256 * 1024
 MAX_KEY_LENGTH = 200
 #: argon2 verifications running at once: each takes 64 MiB and a core for tens of ms
 PASSWORD_CHECKS_AT_ONCE = 2
+#: commands committed in one transaction at most (group commit)
+MAX_BATCH = 100
 #: org.json nests as deep as the stack allows; nobody's command needs more than this
 MAX_NESTING = 32
 
@@ -320,6 +323,28 @@ def _database_refusal(command: str, exc: Exception) -> Reply:
     raise exc
 
 
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A command on its way into a group-commit batch."""
+
+    command: str
+    canonical: str
+    data: dict[str, Any]
+    user: str | None
+    dedup: str | None
+
+
+def _accepted_answer(pending: Pending, accepted: AcceptedMessage) -> Reply:
+    """``0000`` with the row's own time, receiver and reference (the first request's, for a
+    retry), or 409 when the key names a row holding another command."""
+    if pending.dedup is not None and not same_command(accepted, pending.canonical, pending.data):
+        return _refusal(409, pending.command, "gateway_idempotency_key_reused",
+                        "this idempotency key (Idempotency-Key or data.id) was used for "
+                        "another command")
+    return _answer(pending.command, ACCEPTED, accepted.created_at, accepted.data.get("receiver"),
+                   accepted.data.get("reference"))
+
+
 def _storable(text: str) -> bool:
     """Whether Postgres can hold ``text`` (no NUL, no lone surrogate)."""
     if "\x00" in text:
@@ -345,7 +370,11 @@ class Gateway:
             database_url, min_size=1, max_size=settings.gateway_pool_size, open=False,
             kwargs={"autocommit": True, "connect_timeout": 5}, name="outbox-gateway",
             timeout=10.0)
-        self._database_work = anyio.CapacityLimiter(settings.gateway_pool_size)
+        # Half the connections commit batches of commands, half serve OTP validations.
+        share = max(1, settings.gateway_pool_size // 2)
+        self.committer: GroupCommit[Pending, Reply] = GroupCommit(
+            self._accept_batch, threads=share, max_batch=MAX_BATCH, name="gateway-commit")
+        self._database_work = anyio.CapacityLimiter(share)
         self._password_checks = anyio.CapacityLimiter(PASSWORD_CHECKS_AT_ONCE)
 
     # -- ASGI ------------------------------------------------------------------------------
@@ -427,7 +456,14 @@ class Gateway:
             key = idempotency_key(request.headers.get("idempotency-key"), data, canonical)
         except InvalidCommand as exc:
             return _refusal(400, command, exc.rule, exc.message)
-        return await self._in_thread(self._accept, command, canonical, data, user, key)
+        try:
+            # Refused before it joins a batch: the rules need no database.
+            validate(canonical, data, now=time.time())
+        except InvalidCommand as exc:
+            return _refusal(400, command, exc.rule, exc.message)
+        pending = Pending(command, canonical, data, user,
+                          None if key is None else dedup_key(user, key))
+        return await self.committer.submit(pending)
 
     @staticmethod
     def _too_large() -> Reply:
@@ -441,56 +477,56 @@ class Gateway:
 
     # -- enqueueing (worker threads) -----------------------------------------------------------
 
-    def _accept(self, command: str, canonical: str, data: dict[str, Any], user: str | None,
-                key: str | None) -> Reply:
-        """Commit the command (or find the row a retry with the same key made): the answer."""
-        dedup = None if key is None else dedup_key(user, key)
-        try:
-            accepted = self._commit(command, canonical, data, user, dedup)
-        except InvalidCommand as exc:
-            return _refusal(400, command, exc.rule, exc.message)
-        except (psycopg.Error, OSError, TimeoutError) as exc:
-            return _database_refusal(command, exc)
-        if isinstance(accepted, Reply):
-            return accepted
-        if dedup is not None and not same_command(accepted, canonical, data):
-            return _refusal(409, command, "gateway_idempotency_key_reused",
-                            "this idempotency key (Idempotency-Key or data.id) was used for "
-                            "another command")
-        return _answer(command, ACCEPTED, accepted.created_at, accepted.data.get("receiver"),
-                       accepted.data.get("reference"))
+    def _accept_batch(self, batch: Sequence[Pending]) -> list[Reply]:
+        """Commit a batch of commands in one transaction (group commit): one answer each.
 
-    def _commit(self, command: str, canonical: str, data: dict[str, Any], user: str | None,
-                dedup: str | None) -> AcceptedMessage | Reply:
-        # A command the outbox refuses is refused before anything else is asked of it.
-        validate(canonical, data, now=time.time())
+        A refusal in Python (``InvalidCommand``) touches no row and leaves the transaction
+        usable; a refusal by the database aborts it, so the batch is then done again one
+        command per transaction, and only the command at fault is refused.
+        """
+        try:
+            return self._commit_batch(batch)
+        except (psycopg.Error, OSError, TimeoutError) as exc:
+            if len(batch) == 1 or isinstance(exc, psycopg.OperationalError | OSError |
+                                             TimeoutError | psycopg.InterfaceError):
+                return [_database_refusal(pending.command, exc) for pending in batch]
+            return [self._accept_batch([pending])[0] for pending in batch]
+
+    def _commit_batch(self, batch: Sequence[Pending]) -> list[Reply]:
+        outcomes: list[Reply | int] = []
         with self.pool.connection() as connection, connection.transaction(), \
                 connection.cursor() as cursor:
-            if canonical == CREATE_OTP:
-                duplicate = self._duplicate_otp(cursor, command, data, dedup)
-                if duplicate is not None:
-                    return duplicate
-            message_id = enqueue(cursor, canonical, data, dedup_key=dedup, enqueued_by=user)
-            accepted = read_accepted(cursor, message_id)
-        if accepted is None:  # pragma: no cover - the row was just written or found
-            raise psycopg.OperationalError("the row just written cannot be read")
-        return accepted
+            for pending in batch:
+                try:
+                    if pending.canonical == CREATE_OTP:
+                        duplicate = self._duplicate_otp(cursor, pending)
+                        if duplicate is not None:
+                            outcomes.append(duplicate)
+                            continue
+                    outcomes.append(enqueue(cursor, pending.canonical, pending.data,
+                                            dedup_key=pending.dedup, enqueued_by=pending.user))
+                except InvalidCommand as exc:
+                    outcomes.append(_refusal(400, pending.command, exc.rule, exc.message))
+            accepted = read_accepted_many(
+                cursor, [outcome for outcome in outcomes if isinstance(outcome, int)])
+        return [outcome if isinstance(outcome, Reply) else _accepted_answer(pending, accepted[outcome])
+                for pending, outcome in zip(batch, outcomes, strict=True)]
 
-    def _duplicate_otp(self, cursor: Any, command: str, data: Mapping[str, Any],
-                       dedup: str | None) -> Reply | None:
+    def _duplicate_otp(self, cursor: Any, pending: Pending) -> Reply | None:
         """The device's 1201 when the reference still has a live OTP; None to go on.
 
         A retry of the row that took the reference is not a duplicate: it gets the first
-        answer again (the caller finds the row by its dedup key).
+        answer again (enqueue finds the row by its dedup key).
         """
-        reference = _text(data.get("reference"))
+        reference = _text(pending.data.get("reference"))
         if not reference:
             return None  # enqueue refuses it, naming message_otp_reference
         lock_otp_reference(cursor, reference)
-        if dedup is not None and find_message_by_dedup_key(cursor, dedup) is not None:
+        if pending.dedup is not None and find_message_by_dedup_key(cursor, pending.dedup):
             return None
         if otp_reference_is_live(cursor, reference):
-            return _answer(command, DUPLICATE, time.time(), data.get("receiver"), reference)
+            return _answer(pending.command, DUPLICATE, time.time(), pending.data.get("receiver"),
+                           reference)
         return None
 
     # -- validating OTPs -------------------------------------------------------------------------
@@ -574,11 +610,13 @@ def create_app(settings: Settings, *, database_url: str | None = None,
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         gateway.pool.open(wait=False)
+        gateway.committer.start()
         log.info("gateway.started", auth="users file" if users is not None else "none",
                  pid=os.getpid())
         try:
             yield
         finally:
+            gateway.committer.stop(timeout=30)
             gateway.pool.close(timeout=5)
             log.info("gateway.stopped", pid=os.getpid())
 
