@@ -47,12 +47,13 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import ConnectionPool
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from outbox import db, otp
 from outbox.commands import (
@@ -263,12 +264,6 @@ class Reply:
     code: str
     headers: Mapping[str, str] | None = None
 
-    def response(self) -> Response:
-        headers = dict(self.headers or {})
-        if not self.body:
-            return Response(b"", status_code=self.status, headers=headers)
-        return Response(self.body, status_code=self.status, headers=headers,
-                        media_type="application/json")
 
 
 def _empty(status: int, code: str, headers: Mapping[str, str] | None = None) -> Reply:
@@ -359,6 +354,19 @@ def _storable(text: str) -> bool:
 # --- the gateway ------------------------------------------------------------------------------
 
 
+def _jsonb_dumps(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits: the standard library can
+        return json.dumps(value).encode("utf-8")
+
+
+def _configure_connection(connection: psycopg.Connection[Any]) -> None:
+    # orjson for the jsonb of every row and every answer read back: several times faster.
+    set_json_dumps(_jsonb_dumps, context=connection)
+    set_json_loads(orjson.loads, context=connection)
+
+
 class Gateway:
     """The API endpoint: one ASGI callable for every API path and method."""
 
@@ -369,7 +377,7 @@ class Gateway:
         self.pool = ConnectionPool(
             database_url, min_size=1, max_size=settings.gateway_pool_size, open=False,
             kwargs={"autocommit": True, "connect_timeout": 5}, name="outbox-gateway",
-            timeout=10.0)
+            timeout=10.0, configure=_configure_connection)
         # Half the connections commit batches of commands, half serve OTP validations.
         share = max(1, settings.gateway_pool_size // 2)
         self.committer: GroupCommit[Pending, Reply] = GroupCommit(
@@ -396,7 +404,14 @@ class Gateway:
         log.info("gateway.request", method=scope["method"], path=scope["path"],
                  status=reply.status, command=label, answer=reply.code, user=user,
                  duration_ms=round(elapsed * 1000, 2))
-        await reply.response()(scope, receive, send)
+        # Straight to ASGI: a Starlette Response per request was a tenth of the CPU.
+        headers = [(b"content-length", str(len(reply.body)).encode("ascii"))]
+        if reply.body:
+            headers.append((b"content-type", b"application/json"))
+        headers.extend((name.lower().encode("latin-1"), value.encode("latin-1"))
+                       for name, value in (reply.headers or {}).items())
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await send({"type": "http.response.body", "body": reply.body})
 
     async def _handle(self, request: Request) -> tuple[Reply, object, str | None]:
         authorized, user = await self._authenticate(request)
@@ -578,7 +593,7 @@ class Gateway:
 
 
 def create_app(settings: Settings, *, database_url: str | None = None,
-               insecure_no_auth: bool = False) -> Starlette:
+               insecure_no_auth: bool = False) -> ASGIApp:
     """The gateway as an ASGI application.
 
     Without ``settings.gateway_users`` it refuses to exist unless ``insecure_no_auth`` says
@@ -620,8 +635,7 @@ def create_app(settings: Settings, *, database_url: str | None = None,
             gateway.pool.close(timeout=5)
             log.info("gateway.stopped", pid=os.getpid())
 
-    routes = [Route(path, gateway, methods=None) for path in PATHS]
-    routes += [
+    routes = [
         Route("/livez", livez),
         Route("/readyz", readyz),
         Route("/metrics", metrics),
@@ -639,10 +653,27 @@ def create_app(settings: Settings, *, database_url: str | None = None,
 
     app.add_exception_handler(404, not_found)
     app.add_exception_handler(405, method_not_allowed)
-    return app
+    return _Front(gateway, app)
 
 
-def app_from_env() -> Starlette:
+class _Front:
+    """The API paths go straight to the gateway; the rest (health, metrics, the document,
+    404s, the lifespan) through Starlette. Starlette's router and middleware stack were a
+    sixth of the CPU of a request that needs none of them."""
+
+    def __init__(self, gateway: Gateway, app: Starlette) -> None:
+        self.gateway = gateway
+        self.app = app
+        self._paths = frozenset(PATHS)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in self._paths:
+            await self.gateway(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+def app_from_env() -> ASGIApp:
     """The application for a uvicorn worker process that ``outbox gateway`` started."""
     options = json.loads(os.environ.get(WORKER_ENV) or "{}")
     settings = Settings.from_env(config_file=options.get("config"))

@@ -9,6 +9,7 @@ import re
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -517,3 +518,22 @@ def test_several_workers_share_the_port_and_the_metrics(clean_db: str, users_fil
         counted = re.findall(r'outbox_gateway_requests_total\{code="0000",command="(\w+-msisdn)",'
                              r'path="/api/\w+"\} ([0-9.]+)', text)
         assert sum(float(value) for _, value in counted) == 30
+
+
+def test_concurrent_requests_and_their_retries_share_batches(
+        running: RunningGateway, conn: psycopg.Connection[Any]) -> None:
+    def send(n: int) -> bytes:
+        with running.client() as http:
+            body = json.dumps({"command": "send-sms", "data": {
+                "receiver": "+628123456789", "message": f"order {n // 2}", "id": n // 2}})
+            reply = post(http, "/api/sms", body)
+            assert reply.status_code == 200, reply.text
+            return reply.content
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        replies = list(pool.map(send, range(80)))
+    assert all(json.loads(reply)["response_code"] == "0000" for reply in replies)
+    assert all(replies[n] == replies[n + 1] for n in range(0, 80, 2))  # a retry: the same
+    stored = rows(conn)
+    assert len(stored) == 40
+    assert sorted(row[1]["message"] for row in stored) == sorted(f"order {n}" for n in range(40))
