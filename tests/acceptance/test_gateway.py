@@ -6,19 +6,29 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import psycopg
 import pytest
 
 from outbox.passwords import set_user
-from tests.support.brokers import REDIS_URL, RedisDevice, redis_device, unique_topic, wait_until, with_query
+from tests.support.brokers import (
+    REDIS_URL,
+    CuttableLink,
+    RedisDevice,
+    redis_device,
+    unique_topic,
+    wait_until,
+    with_query,
+)
 from tests.support.gateway import OUTBOX, RunningGateway, basic, env_for, gateway, relay
 from tests.support.otp_pi import OtpPi
 
@@ -537,3 +547,75 @@ def test_concurrent_requests_and_their_retries_share_batches(
     stored = rows(conn)
     assert len(stored) == 40
     assert sorted(row[1]["message"] for row in stored) == sorted(f"order {n}" for n in range(40))
+
+
+def test_tls_by_the_server(clean_db: str, users_file: Path, tmp_path: Path) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   capture_output=True, check=True, timeout=60)
+    env = env_for(clean_db, OUTBOX_GATEWAY_USERS=str(users_file))
+    with gateway(env, tmp_path, "--certfile", str(cert), "--keyfile", str(key)) as started, \
+            started.client() as client:
+        assert started.url.startswith("https://")
+        assert post(client, "/api/block", README_BLOCK).json()["response_code"] == "0000"
+        with pytest.raises(httpx.HTTPError):  # plain HTTP on the TLS port gets nowhere
+            httpx.post(f"http://127.0.0.1:{started.port}/api/block", content=README_BLOCK,
+                       headers={"Authorization": SHOP}, timeout=5)
+    half = subprocess.run([*OUTBOX, "gateway", "--port", "0", "--certfile", str(cert)], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert half.returncode == 2
+    assert "--keyfile" in half.stderr
+
+
+def test_database_gone_is_503_naming_the_rule(database_url: str, clean_db: str,
+                                              users_file: Path, tmp_path: Path) -> None:
+    parts = urlsplit(database_url)
+    link = CuttableLink(parts.hostname or "127.0.0.1", parts.port or 5432)
+    netloc = parts.netloc.rsplit("@", 1)
+    userinfo = netloc[0] + "@" if len(netloc) == 2 else ""
+    linked = urlunsplit(parts._replace(netloc=f"{userinfo}127.0.0.1:{link.port}"))
+    env = env_for(linked, OUTBOX_GATEWAY_USERS=str(users_file))
+    try:
+        with gateway(env, tmp_path) as started, started.client() as client:
+            assert post(client, "/api/block", README_BLOCK).json()["response_code"] == "0000"
+            link.close()  # connections cut, new ones refused
+            body = fresh(README_SEND_SMS)
+            reply = post(client, "/api/sms", body)
+            assert reply.status_code == 503
+            assert reply.json()["rule"] == "database_unavailable"
+            assert client.get("/readyz").status_code == 503
+            assert client.get("/livez").status_code == 200
+    finally:
+        link.close()
+
+
+def test_sigterm_finishes_what_is_in_flight_and_every_0000_is_a_row(
+        clean_db: str, users_file: Path, tmp_path: Path, conn: psycopg.Connection[Any]) -> None:
+    env = env_for(clean_db, OUTBOX_GATEWAY_USERS=str(users_file))
+    accepted: list[str] = []
+    stop = time.monotonic() + 30
+
+    def client_loop(lane: int, url: str) -> None:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            for n in range(10_000):
+                key = f"{lane}-{n}"
+                try:
+                    reply = post(http, "/api/sms", json.dumps({"command": "send-sms", "data": {
+                        "receiver": "+628123456789", "message": "m", "id": key}}))
+                except httpx.HTTPError:
+                    return  # the gateway closed: no answer, no promise
+                if reply.status_code == 200 and reply.json().get("response_code") == "0000":
+                    accepted.append(key)
+                if time.monotonic() > stop:
+                    return
+
+    with gateway(env, tmp_path) as started, ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [pool.submit(client_loop, lane, started.url) for lane in range(8)]
+        assert wait_until(lambda: len(accepted) >= 100, timeout=30)
+        started.process.send_signal(signal.SIGTERM)
+        assert started.process.wait(timeout=60) == 0
+        for future in futures:
+            future.result()
+    stored = {row[0] for row in conn.execute("SELECT data->>'id' FROM outbox.message")}
+    assert set(accepted) <= stored

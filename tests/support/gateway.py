@@ -40,26 +40,30 @@ class RunningGateway:
     process: subprocess.Popen[bytes]
     port: int
     log: Path
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30)
+        # like the PHP client: TLS without certificate verification
+        return httpx.Client(base_url=self.url, timeout=30, verify=False)
 
     def log_text(self) -> str:
         return self.log.read_text(encoding="utf-8", errors="replace")
 
 
-def _wait_alive(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
+def _wait_alive(process: subprocess.Popen[bytes], port: int, log: Path,
+                scheme: str = "http") -> None:
     deadline = time.monotonic() + START_WAIT
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"the gateway exited with {process.returncode}: "
                                  f"{log.read_text(errors='replace')[-2000:]}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/livez", timeout=1).status_code == 200:
+            if httpx.get(f"{scheme}://127.0.0.1:{port}/livez", timeout=1,
+                         verify=False).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -71,13 +75,14 @@ def _wait_alive(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
 def gateway(env: dict[str, str], log_dir: Path, *args: str) -> Iterator[RunningGateway]:
     """A gateway on a free port; SIGTERM at the end, which must exit 0."""
     port = free_port()
+    scheme = "https" if "--certfile" in args else "http"
     log = log_dir / f"gateway-{port}.log"
     with log.open("wb") as out:
         process = subprocess.Popen([*OUTBOX, "gateway", "--port", str(port), *args], env=env,
                                    stdout=out, stderr=subprocess.STDOUT)
     try:
-        _wait_alive(process, port, log)
-        yield RunningGateway(process, port, log)
+        _wait_alive(process, port, log, scheme)
+        yield RunningGateway(process, port, log, scheme)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0, log.read_text(errors="replace")[-2000:]
     finally:
