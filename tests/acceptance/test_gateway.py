@@ -490,6 +490,11 @@ def test_refuses_to_start_without_users_unless_told(clean_db: str, tmp_path: Pat
                              text=True, timeout=60, check=False)
     assert refused.returncode == 2
     assert "OUTBOX_GATEWAY_USERS" in refused.stderr
+    missing = subprocess.run([*OUTBOX, "gateway", "--port", "0"],
+                             env={**env, "OUTBOX_GATEWAY_USERS": str(tmp_path / "absent")},
+                             capture_output=True, text=True, timeout=60, check=False)
+    assert missing.returncode == 2
+    assert "cannot read users file" in missing.stderr
     with gateway(env, tmp_path, "--insecure-no-auth") as started, started.client() as client:
         reply = post(client, "/api/block", README_BLOCK, auth=None)
         assert reply.json()["response_code"] == "0000"

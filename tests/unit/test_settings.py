@@ -177,3 +177,18 @@ def test_receiver_limits_per_command() -> None:
 def test_bad_receiver_limits_are_refused(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigurationError, match=re.escape(message)):
         Settings.from_env(env)
+
+
+def test_gateway_settings_from_the_environment() -> None:
+    settings = Settings.from_env({"OUTBOX_GATEWAY_USERS": "/etc/outbox/users",
+                                  "OUTBOX_GATEWAY_POOL_SIZE": "4",
+                                  "OUTBOX_GATEWAY_AUTH_CACHE_TTL": "1m",
+                                  "OUTBOX_GATEWAY_WORKER": "{}"})  # internal, not a setting
+    assert settings.gateway_users == "/etc/outbox/users"
+    assert settings.gateway_pool_size == 4
+    assert settings.gateway_auth_cache_ttl == 60.0
+    assert Settings.from_env({}).gateway_users is None
+    with pytest.raises(ConfigurationError, match="gateway_pool_size"):
+        Settings.from_env({"OUTBOX_GATEWAY_POOL_SIZE": "0"})
+    with pytest.raises(ConfigurationError, match="gateway_auth_cache_ttl"):
+        Settings.from_env({"OUTBOX_GATEWAY_AUTH_CACHE_TTL": "-1"})
