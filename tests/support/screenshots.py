@@ -64,6 +64,12 @@ SELECT 'send-sms', jsonb_build_object('receiver', '+62815' || lpad(n::text, 7, '
        CASE WHEN n % 7 = 0 THEN 2 ELSE 0 END
 FROM generate_series(1, 420) AS n;
 
+INSERT INTO outbox.message (command, data, created_at)
+SELECT 'create-otp', jsonb_build_object('receiver', '+62816' || lpad(n::text, 7, '0'),
+                                        'message', 'Your code is %s', 'reference', 'o' || n),
+       now() - make_interval(secs => n / 4.0)
+FROM generate_series(1, 35) AS n;
+
 ANALYZE outbox.message;
 """
 
