@@ -15,7 +15,7 @@ scrubbed of personal data; message texts, subjects and OTP codes never leave the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, Literal
 
@@ -26,7 +26,8 @@ from outbox import admin
 from outbox import dashboard_sql as sql
 from outbox.admin import FailedFilter, Status, effective_route
 from outbox.logs import get_logger, mask_receiver, scrub_text
-from outbox.settings import Settings
+from outbox.settings import Settings, pool_members
+from outbox.transports import configured_pools
 
 log = get_logger("outbox.dashboard")
 
@@ -76,6 +77,41 @@ class Check:
 
 
 @dataclass(frozen=True)
+class PoolState:
+    """A failover pool (``a|b|c``) and which member serves it."""
+
+    pool: str
+    members: tuple[str, ...]
+    #: the member that delivered the pool's newest row in the window; None: no row yet
+    serving: str | None
+    #: rows each member delivered in the window
+    recent: dict[str, int]
+    last_sent_at: datetime | None
+    window_seconds: float
+
+    def as_json(self) -> dict[str, Any]:
+        shown = asdict(self)
+        shown["members"] = list(self.members)
+        shown["last_sent_at"] = self.last_sent_at.isoformat() if self.last_sent_at else None
+        return shown
+
+
+def pool_states(pools: Sequence[str], deliveries: Sequence[tuple[str, int, datetime]],
+                window_seconds: float) -> tuple[PoolState, ...]:
+    """Which member serves each pool: the one that delivered its newest row (pure)."""
+    by_member = {member: (int(count), last) for member, count, last in deliveries}
+    states = []
+    for pool in pools:
+        members = pool_members(pool)
+        seen = [(by_member[m][1], m) for m in members if m in by_member]
+        last, serving = max(seen) if seen else (None, None)
+        states.append(PoolState(pool, members, serving,
+                                {m: by_member.get(m, (0, None))[0] for m in members}, last,
+                                window_seconds))
+    return tuple(states)
+
+
+@dataclass(frozen=True)
 class Overview:
     status: Status
     failed_by_route: dict[str, int]
@@ -83,8 +119,8 @@ class Overview:
     per_minute: tuple[MinuteOutcomes, ...]
     lag: DeliveryLag
     health: tuple[Check, ...] = ()
-    #: which member of each pool serves; empty where no pools are configured
-    pools: dict[str, Any] = field(default_factory=dict)
+    #: the configured failover pools; empty where there are none
+    pools: tuple[PoolState, ...] = ()
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -95,7 +131,7 @@ class Overview:
                             "expired": m.expired} for m in self.per_minute],
             "lag": asdict(self.lag),
             "health": [asdict(check) for check in self.health],
-            "pools": dict(self.pools),
+            "pools": [pool.as_json() for pool in self.pools],
         }
 
 
@@ -112,12 +148,17 @@ def read_overview(connection: psycopg.Connection[Any], settings: Settings, *,
             for minute, sent, failed, expired
             in connection.execute(sql.OUTCOMES_PER_MINUTE, {"minutes": minutes}).fetchall())
         lag = _delivery_lag(connection)
+        pools = configured_pools(settings)
+        deliveries = connection.execute(sql.RECENT_DELIVERIES_BY_MEMBER, {
+            "window": admin.RATE_WINDOW_SECONDS, "cap": admin.RATE_SAMPLE_CAP}).fetchall() \
+            if pools else []
     ended: dict[str, dict[str, int]] = {"failed": {}, "expired": {}}
     for route, command, state, count in ended_rows:
         name = effective_route(settings, command, route)
         ended[state][name] = ended[state].get(name, 0) + int(count)
     return Overview(status, dict(sorted(ended["failed"].items())),
-                    dict(sorted(ended["expired"].items())), per_minute, lag, tuple(health))
+                    dict(sorted(ended["expired"].items())), per_minute, lag, tuple(health),
+                    pool_states(pools, deliveries, admin.RATE_WINDOW_SECONDS))
 
 
 def _delivery_lag(connection: psycopg.Connection[Any]) -> DeliveryLag:
@@ -295,12 +336,14 @@ __all__ = [
     "DeliveryLag",
     "MinuteOutcomes",
     "Overview",
+    "PoolState",
     "RowDetail",
     "act",
     "common_failure_reasons",
     "describe_filter",
     "filter_record",
     "find_action",
+    "pool_states",
     "read_overview",
     "read_row",
     "recent_actions",

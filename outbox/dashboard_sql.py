@@ -89,6 +89,20 @@ ORDER BY 2 DESC, 1
 LIMIT %(limit)s
 """
 
+# Which member of the failover pools delivered the newest sent rows (the same window and cap
+# as the send rate), and when each last did: the member that delivered last is the one
+# serving now. Rows of plain routes have no served_by.
+RECENT_DELIVERIES_BY_MEMBER = """
+SELECT served_by, count(*)::bigint, max(sent_at)
+FROM (SELECT served_by, sent_at
+      FROM outbox.message
+      WHERE state = 'sent' AND sent_at > now() - make_interval(secs => %(window)s)
+      ORDER BY sent_at DESC
+      LIMIT %(cap)s) AS recent
+WHERE served_by IS NOT NULL
+GROUP BY served_by
+"""
+
 # One row in any state, without its texts: only the receiver (masked by the caller) and the
 # names of the data fields leave the database.
 ROW_DETAIL = """
@@ -132,6 +146,7 @@ __all__ = [
         "FIND_ACTION",
     "OUTCOMES_PER_MINUTE",
     "RECENT_ACTIONS",
+    "RECENT_DELIVERIES_BY_MEMBER",
     "RECORD_ACTION",
     "ROW_DETAIL",
     "WITHOUT_JIT",

@@ -242,3 +242,21 @@ def test_overview_stays_correct_against_read_status(clean_db: str,
     overview = dashboard.read_overview(conn, Settings(database_url=clean_db))
     assert overview.status.counts == read_status(conn, Settings(database_url=clean_db)).counts
     assert overview.status.priorities == {}  # failed rows are not pending
+
+
+def test_the_overview_names_the_member_serving_each_pool(
+        clean_db: str, users_file: Path, conn: psycopg.Connection[Any]) -> None:
+    settings = Settings(database_url=clean_db, transports={
+        "default": "stdout://", "a": "stdout://", "b": "stdout://"},
+        routes={"send-sms": "a|b"})
+    ids = [enqueue(conn, "send-sms", {"receiver": f"+4915100009{n}", "message": "m"})
+           for n in range(3)]
+    conn.execute("UPDATE outbox.message SET state = 'sent', served_by = 'a', "
+                 "sent_at = now() - interval '20 seconds' WHERE id = ANY(%s)", (ids[:2],))
+    conn.execute("UPDATE outbox.message SET state = 'sent', served_by = 'b', "
+                 "sent_at = now() - interval '2 seconds' WHERE id = %s", (ids[2],))
+    with serve_console(clean_db, users_file, settings=settings) as url, client(url) as http:
+        (pool,) = http.get("/api/overview").json()["pools"]
+        page = http.get("/").text
+    assert (pool["pool"], pool["serving"], pool["recent"]) == ("a|b", "b", {"a": 2, "b": 1})
+    assert 'served by <b class="serving">b</b>' in page

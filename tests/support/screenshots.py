@@ -3,7 +3,8 @@
     python -m tests.support.screenshots
 
 Builds a scratch database with an hour of made-up traffic (a burst of failures in the last
-quarter of an hour), serves the console on it and saves the overview at a laptop's and a
+quarter of an hour, a failover pool whose backup took over two minutes ago), serves the
+console on it and saves the overview at a laptop's and a
 phone's width, and the failed rows at a laptop's.
 """
 
@@ -25,11 +26,13 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 SEED = """
 INSERT INTO outbox.message (command, data, route, state, created_at, sent_at, available_at,
-                            attempts)
+                            attempts, served_by)
 SELECT 'send-sms', jsonb_build_object('receiver', '+62812' || lpad(n::text, 7, '0'),
                                       'message', 'demo'),
-       CASE WHEN n % 3 = 0 THEN 'sms' END, 'sent',
-       sent - make_interval(secs => 0.02 + (n % 17) / 40.0), sent, sent, 1
+       CASE WHEN n % 3 = 0 THEN 'sms|backup' END, 'sent',
+       sent - make_interval(secs => 0.02 + (n % 17) / 40.0), sent, sent, 1,
+       CASE WHEN n % 3 = 0 THEN CASE WHEN sent > now() - interval '2 minutes'
+                                     THEN 'backup' ELSE 'sms' END END
 FROM (SELECT n, now() - make_interval(secs => 3600 * power(random(), 1.15)) AS sent
       FROM generate_series(1, 14000) AS n) AS s;
 
@@ -59,7 +62,7 @@ FROM generate_series(1, 9) AS n;
 INSERT INTO outbox.message (command, data, route, created_at, available_at, attempts)
 SELECT 'send-sms', jsonb_build_object('receiver', '+62815' || lpad(n::text, 7, '0'),
                                       'message', 'demo'),
-       CASE WHEN n % 2 = 0 THEN 'sms' END, now() - make_interval(secs => n / 10.0),
+       CASE WHEN n % 2 = 0 THEN 'sms|backup' END, now() - make_interval(secs => n / 10.0),
        now() + CASE WHEN n % 7 = 0 THEN interval '2 minutes' ELSE interval '0' END,
        CASE WHEN n % 7 = 0 THEN 2 ELSE 0 END
 FROM generate_series(1, 420) AS n;
@@ -83,7 +86,8 @@ def main() -> int:
             connection.execute(SEED)
         settings = Settings(database_url=url, transports={
             "default": "stdout://", "sms": "redis://127.0.0.1:6379/0?topic=sms",
-            "mail": "http://otp:secret@127.0.0.1:9/api/otp"}, routes={"send-email": "mail"})
+            "backup": "stdout://", "mail": "http://otp:secret@127.0.0.1:9/api/otp"},
+            routes={"send-email": "mail", "block-msisdn": "sms|backup"})
         users = write_users(Path(scratch) / "users")
         with serve_console(url, users, settings=settings, health=True,
                            refresh_seconds=2.0) as console:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from outbox.admin import FailedFilter
-from outbox.dashboard import MinuteOutcomes, describe_filter, filter_record
+from outbox.dashboard import MinuteOutcomes, describe_filter, filter_record, pool_states
 from outbox.web.console import (
     BadRequest,
     CsrfTokens,
@@ -143,3 +143,15 @@ def test_filter_record_and_description() -> None:
     (3 * 3600 + 120, "3h 2m"), (86400 * 2 + 3600, "2d 1h"), (-5, "0.0s")])
 def test_format_age(seconds: float | None, shown: str) -> None:
     assert format_age(seconds) == shown
+
+
+def test_the_member_that_delivered_last_serves_the_pool() -> None:
+    at = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+    states = pool_states(["a|b|c", "x|y"], [("a", 40, at), ("b", 3, at + timedelta(seconds=5)),
+                                           ("z", 9, at + timedelta(minutes=1))], 300.0)
+    first, second = states
+    assert (first.pool, first.members, first.serving) == ("a|b|c", ("a", "b", "c"), "b")
+    assert first.recent == {"a": 40, "b": 3, "c": 0}
+    assert first.last_sent_at == at + timedelta(seconds=5)
+    assert (second.serving, second.recent, second.last_sent_at) == (None, {"x": 0, "y": 0},
+                                                                    None)
