@@ -680,12 +680,9 @@ class Relay:
         with contextlib.ExitStack() as stack:
             if tx is None:
                 tx = stack.enter_context(self.store.transaction())
-            if served:
-                delivered_ids = set(sent)
-                tx.record_served_by({row_id: member for row_id, member in served.items()
-                                     if row_id in delivered_ids}, claim)
             self._write_outcomes(tx, claim, sent=sent, retries=retries, failed=failed,
-                                 expired=expired, not_tried=not_tried, recovered=recovered)
+                                 expired=expired, not_tried=not_tried, recovered=recovered,
+                                 served=served or {})
         for (command, route, state), count in outcomes.items():
             metrics.MESSAGES.labels(command, route, state).inc(count)
         return BatchReport(sent=len(sent), retried=len(retries), failed=len(failed),
@@ -694,8 +691,13 @@ class Relay:
     def _write_outcomes(self, tx: StoreTransaction, claim: int | None, *, sent: list[int],
                         retries: list[Rescheduled], failed: list[Outcome],
                         expired: list[Outcome], not_tried: list[ClaimedRow],
-                        recovered: bool) -> None:
-        tx.mark_sent(sent, claim)
+                        recovered: bool, served: Mapping[int, str]) -> None:
+        # Rows a pool delivered are marked with the member that delivered them.
+        by_member: dict[str | None, list[int]] = {}
+        for row_id in sent:
+            by_member.setdefault(served.get(row_id), []).append(row_id)
+        for member, ids in by_member.items():
+            tx.mark_sent(ids, claim, served_by=member)
         tx.schedule_retry(retries, claim)
         tx.mark_failed(failed, claim)
         tx.mark_expired(expired, claim)

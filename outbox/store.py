@@ -41,7 +41,7 @@ published again (at-least-once). The row id on the wire lets consumers drop the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -155,17 +155,19 @@ UPDATE outbox.message SET available_at = now() + %(lease)s * interval '1 second'
 WHERE claim = ANY(%(claims)s) AND state = 'pending'
 """
 
+# ``served_by``: the failover pool member that delivered these rows (NULL outside pools);
+# set in the same row version as the state, so it costs a pool nothing extra.
 MARK_SENT = """
 UPDATE outbox.message
 SET state = 'sent', sent_at = now(), attempts = attempts + 1, last_error = NULL,
-    claimed_by = NULL, claim = NULL
+    claimed_by = NULL, claim = NULL, served_by = %s::text
 WHERE id = ANY(%s) AND claim IS NOT DISTINCT FROM %s::bigint AND state = 'pending'
 """
 
 MARK_SENT_BLANKING_TEXTS = """
 UPDATE outbox.message
 SET state = 'sent', sent_at = now(), attempts = attempts + 1, last_error = NULL,
-    claimed_by = NULL, claim = NULL, data = data - 'message' - 'subject'
+    claimed_by = NULL, claim = NULL, served_by = %s::text, data = data - 'message' - 'subject'
 WHERE id = ANY(%s) AND claim IS NOT DISTINCT FROM %s::bigint AND state = 'pending'
 """
 
@@ -200,15 +202,6 @@ UPDATE outbox.message AS m
 SET state = 'expired', attempts = m.attempts + u.attempted, last_error = u.reason,
     claimed_by = NULL, claim = NULL, data = m.data - 'message' - 'subject'
 FROM unnest(%s::bigint[], %s::text[], %s::int[]) AS u(id, reason, attempted)
-WHERE m.id = u.id AND m.claim IS NOT DISTINCT FROM %s::bigint AND m.state = 'pending'
-"""
-
-# Which member of a failover pool delivered each row (before MARK_SENT, under the same
-# claim): rows of plain routes keep NULL and cost nothing.
-RECORD_SERVED_BY = """
-UPDATE outbox.message AS m
-SET served_by = u.member
-FROM unnest(%s::bigint[], %s::text[]) AS u(id, member)
 WHERE m.id = u.id AND m.claim IS NOT DISTINCT FROM %s::bigint AND m.state = 'pending'
 """
 
@@ -507,8 +500,8 @@ class StoreTransaction(Protocol):
     def claim_locked(self, request: ClaimRequest) -> list[ClaimedRow]:
         """Rows locked for this transaction only: no lease (``request.claim`` unused)."""
 
-    def mark_sent(self, ids: Sequence[int], claim: int | None) -> None: ...
-    def record_served_by(self, served: Mapping[int, str], claim: int | None) -> None: ...
+    def mark_sent(self, ids: Sequence[int], claim: int | None, *,
+                  served_by: str | None = None) -> None: ...
     def schedule_retry(self, rows: Sequence[Rescheduled], claim: int | None) -> None: ...
     def mark_failed(self, rows: Sequence[Outcome], claim: int | None) -> None: ...
     def mark_expired(self, rows: Sequence[Outcome], claim: int | None) -> None: ...
@@ -582,15 +575,12 @@ class PostgresTransaction:
                                             "aging": request.aging})
         return list(map(ClaimedRow._make, self._cursor.fetchall()))
 
-    def mark_sent(self, ids: Sequence[int], claim: int | None) -> None:
+    def mark_sent(self, ids: Sequence[int], claim: int | None, *,
+                  served_by: str | None = None) -> None:
+        """``served_by``: the pool member that delivered them (None outside pools)."""
         if ids:
             self._cursor.execute(MARK_SENT_BLANKING_TEXTS if self._blank_texts else MARK_SENT,
-                                 (list(ids), claim))
-
-    def record_served_by(self, served: Mapping[int, str], claim: int | None) -> None:
-        """Which pool member delivered each of these rows (they are marked sent next)."""
-        if served:
-            self._cursor.execute(RECORD_SERVED_BY, (list(served), list(served.values()), claim))
+                                 (served_by, list(ids), claim))
 
     def schedule_retry(self, rows: Sequence[Rescheduled], claim: int | None) -> None:
         if rows:

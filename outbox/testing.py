@@ -11,7 +11,7 @@ import itertools
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -240,11 +240,13 @@ class _MemoryTransaction:
         return [row for message_id in ids
                 if (row := self.store.rows[message_id]).claim == claim and row.state == "pending"]
 
-    def mark_sent(self, ids: Sequence[int], claim: int | None) -> None:
+    def mark_sent(self, ids: Sequence[int], claim: int | None, *,
+                  served_by: str | None = None) -> None:
         for row in self._held(ids, claim):
             row.state, row.sent_at, row.last_error = "sent", self.store.clock(), None
             row.attempts += 1
             row.claimed_by = row.claim = None
+            row.served_by = served_by
 
     def schedule_retry(self, rows: Sequence[Rescheduled], claim: int | None) -> None:
         at = {item.id: item for item in rows}
@@ -281,10 +283,6 @@ class _MemoryTransaction:
     def take_receiver_places(self, claims: Sequence[ReceiverClaim]) -> None:
         for claim in claims:
             self.store.receiver_window.setdefault(claim.id, (claim.digest, self.store.clock()))
-
-    def record_served_by(self, served: Mapping[int, str], claim: int | None) -> None:
-        for row in self._held(list(served), claim):
-            row.served_by = served[row.id]
 
     def mark_expired(self, rows: Sequence[Outcome], claim: int | None) -> None:
         self._finish(rows, "expired", claim)
