@@ -8,10 +8,7 @@
   limit (``OUTBOX_RECEIVER_LIMIT``), keyed by the message and holding only a keyed digest
   of the command and the receiver, never the receiver.
 * ``outbox.message.served_by``: which member of a failover pool delivered a sent row (null
-  for rows of plain routes), written by MARK_SENT itself, in the row version that marks the
-  row sent. (A separate UPDATE per chunk, tried first, made a pool's drain to stdout 5 to
-  10 times slower: a second row version per row, and a join the planner sized from stale
-  statistics.) Adding a nullable column without a default rewrites nothing.
+  for rows of plain routes). Adding a nullable column without a default rewrites nothing.
 
 Revision ID: 0010
 Revises: 0009
