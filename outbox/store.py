@@ -156,7 +156,9 @@ WHERE claim = ANY(%(claims)s) AND state = 'pending'
 """
 
 # ``served_by``: the failover pool member that delivered these rows (NULL outside pools);
-# set in the same row version as the state, so it costs a pool nothing extra.
+# set in the same row version as the state, so it costs a pool nothing extra. (A separate
+# UPDATE per chunk, tried first, made a pool's drain to stdout 5 to 10 times slower: a
+# second row version per row, and a join the planner sized from stale statistics.)
 MARK_SENT = """
 UPDATE outbox.message
 SET state = 'sent', sent_at = now(), attempts = attempts + 1, last_error = NULL,
