@@ -152,3 +152,30 @@ def test_a_pool_whose_every_member_is_down_keeps_its_rows_pending_until_one_is_b
     assert sorted(texts(b)) == ["m0", "m1", "m2", "m3"]
     assert served_by(conn, ids) == {"b"}
     assert rows_by_state(conn) == {"sent": 4}
+
+
+def test_two_sims_with_a_rate_each_the_standby_takes_over_at_its_own_rate(
+        conn: psycopg.Connection[Any], clean_db: str,
+        otp_pi_factory: Callable[..., OtpPi]) -> None:
+    """The README's two devices with a SIM each, at a rate each: while a serves, b gets
+    nothing; a stopped, its rows are handed back (no attempt counted) and b takes them with
+    its own tokens; nothing fails, every row once."""
+    a, b = otp_pi_factory(), otp_pi_factory()
+    settings = pool_settings(a, b, transports={"default": "stdout://",
+                                               "a": a.url(rate="20/s", burst="2"),
+                                               "b": b.url(rate="20/s", burst="2")})
+    with running(clean_db, settings):
+        first = insert_sms(conn, 0, 6)
+        wait_for(lambda: all_sent(conn, first))
+        assert b.inbox == []
+        a.stop()
+        second = insert_sms(conn, 6, 6)
+        wait_for(lambda: all_sent(conn, second))
+    assert texts(a) == [f"m{n}" for n in range(6)]
+    assert sorted(texts(b)) == sorted(f"m{n}" for n in range(6, 12))
+    assert served_by(conn, second) == {"b"}
+    assert rows_by_state(conn) == {"sent": 12}
+    buckets = dict(conn.execute("SELECT transport, granted FROM outbox.rate_bucket").fetchall())
+    assert set(buckets) == {"a", "b"}
+    attempts = conn.execute("SELECT max(attempts) FROM outbox.message").fetchone()
+    assert attempts is not None and attempts[0] <= 2  # a handed-back row is not counted
