@@ -2,25 +2,38 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+#: what running needs: the package and the embedded Postgres (the [embedded] extra)
+RUN_STAMP := $(VENV)/.installed-run
+#: and what developing needs: tests, linters, benchmarks (the [dev] extra)
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check lint typecheck services browser bench bench-quick chaos clean
+.PHONY: run test check lint typecheck services browser bench bench-quick chaos clean dist venv
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-	touch $(STAMP)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	$(PIP) -e '.[embedded]'
+	touch $(RUN_STAMP)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(PIP) -e '.[dev,embedded]'
+	touch $(STAMP) $(RUN_STAMP)
 
 venv: $(STAMP)
 
 ## run the relay: embedded Postgres and stdout unless DATABASE_URL / OUTBOX_TRANSPORT say otherwise
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/outbox db upgrade
 	exec $(BIN)/outbox run
 
-## the whole suite, with the services it needs started when they are installed but down
+## ruff, mypy --strict, then the whole suite, with the services it needs started when they
+## are installed but down
 test: $(STAMP) services browser
+	$(BIN)/ruff check outbox migrations tests bench
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 services:
@@ -36,7 +49,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-check: lint typecheck test
+check: test
+
+## a wheel of this source tree in dist/ (what the container recipe in docs/operations.md installs)
+dist: $(RUN_STAMP)
+	rm -rf dist
+	$(BIN)/python -m pip wheel --quiet --disable-pip-version-check --no-deps --wheel-dir dist .
 
 bench: $(STAMP) services
 	$(BIN)/python -m bench.run
@@ -48,4 +66,4 @@ chaos: $(STAMP) services
 	$(BIN)/python -m bench.chaos
 
 clean:
-	rm -rf $(VENV) .outbox build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .outbox build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -684,7 +684,7 @@ class Chaos:
         cases = badinput.explore(self.url, self.sizes.examples)
         with amqp_subscriber() as (queue, subscriber):
             with self.relay(amqp_transport(queue), "bad-input",
-                            OUTBOX_OTP_SECRET="chaos-" + uuid.uuid4().hex) as relay:
+                            OUTBOX_OTP_SECRET=uuid.uuid4().hex + uuid.uuid4().hex) as relay:
                 stuck = 0
                 try:
                     wait_until_drained(self.url, 0, timeout=120, label="bad-input: ",

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import psycopg
 
 from outbox import __version__, console, db, logs
 from outbox.errors import ConfigurationError, DatabaseUnavailable, OutboxError, PublishError
@@ -24,21 +27,24 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 Handler = Callable[[argparse.Namespace, Settings], int]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one return per exit code
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    handler: Handler = args.handler
     try:
+        if getattr(args, "settings_free", False):  # works whatever the settings say
+            return handler(args, Settings())
         settings = Settings.from_env(config_file=args.config)
+        settings = _with_development_otp_secret(settings, create=args.handler is cmd_run)
         overrides = {key: value for key, value in (
             ("workers", getattr(args, "workers", None)),
             ("batch_size", getattr(args, "batch_size", None)),
         ) if value is not None}
         if overrides:
             settings = settings.with_overrides(**overrides)
-        handler: Handler = args.handler
         # Services log to stdout; one-shot commands keep stdout for their own output.
         service = handler in (cmd_run, cmd_ws_relay, cmd_gateway, cmd_console)
         logs.configure(level="debug" if args.verbose > 1 else settings.log_level,
@@ -50,25 +56,68 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, exc, EXIT_UNREACHABLE)
     except OutboxError as exc:
         return _fail(args, exc, EXIT_FAILURE)
+    except psycopg.Error as exc:
+        return _fail(args, exc, EXIT_FAILURE, database_error(exc))
     except KeyboardInterrupt:
         return EXIT_FAILURE
 
 
-def _fail(args: argparse.Namespace, exc: BaseException, code: int) -> int:
-    if args.verbose:
+#: SQLSTATEs meaning the outbox schema is not there (or not all of it): undefined table,
+#: function, column, schema
+_SCHEMA_MISSING = frozenset({"42P01", "42883", "42703", "3F000"})
+
+
+def database_error(exc: psycopg.Error) -> str:
+    """One line for an error the database raised. Only the primary message and the
+    constraint: Postgres' DETAIL may quote the values of the row."""
+    diag = exc.diag
+    if exc.sqlstate in _SCHEMA_MISSING:
+        return ("the database has no outbox schema, or an older one (run `outbox db "
+                "upgrade`)")
+    primary = (diag.message_primary or type(exc).__name__).strip().splitlines()[0]
+    constraint = f" ({diag.constraint_name})" if diag.constraint_name else ""
+    state = f" [SQLSTATE {exc.sqlstate}]" if exc.sqlstate else ""
+    return f"database refused: {primary}{constraint}{state}"
+
+
+def _fail(args: argparse.Namespace, exc: BaseException, code: int,
+          line: str | None = None) -> int:
+    if args.verbose and not isinstance(exc, psycopg.Error):
         traceback.print_exception(exc, file=sys.stderr)
-    print(f"outbox: error: {exc}", file=sys.stderr)
+    elif args.verbose:
+        # A database error's own text carries Postgres' DETAIL (the row's values): only
+        # where it was raised.
+        traceback.print_tb(exc.__traceback__, file=sys.stderr)
+    print(f"outbox: error: {line or exc}", file=sys.stderr)
     return code
+
+
+def _with_development_otp_secret(settings: Settings, *, create: bool) -> Settings:
+    """On the embedded database with no OTP secret, the development secret kept in
+    ``.outbox/`` (``outbox run`` creates it): ``make run`` answers create-otp at once."""
+    path = db.development_otp_secret(settings, create=create)
+    if path is None:
+        return settings
+    return settings.with_overrides(otp_secret=path.read_text().strip())
+
+
+def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """``--config`` and ``-v`` before the command or after it: on a subcommand they default
+    to "not given", so they never undo what was given before the command."""
+    hidden: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
+    parser.add_argument("--config", help="TOML settings file (default: $OUTBOX_CONFIG)",
+                        **({"default": None} if top else hidden))
+    parser.add_argument("-v", "--verbose", action="count",
+                        help="tracebacks on errors; twice: debug logs",
+                        **({"default": 0} if top else hidden))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="outbox", description="Transactional outbox relay for OTP-Pi commands.")
     parser.add_argument("--version", action="version", version=f"outbox {__version__}")
-    parser.add_argument("--config", help="TOML settings file (default: $OUTBOX_CONFIG)")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="tracebacks on errors; twice: debug logs")
-    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _global_options(parser, top=True)
+    commands = _Subcommands(parser.add_subparsers(title="commands", metavar="COMMAND"))
     for add in (_add_run, _add_db, _add_enqueue, _add_status, _add_failed, _add_purge,
                 _add_check, _add_config, _add_ws_relay, _add_otp, _add_gateway,
                 _add_console):
@@ -77,6 +126,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 Subparsers = Any  # argparse's _SubParsersAction is private
+
+
+class _Subcommands:
+    """``add_subparsers()`` whose every command (and every command's actions) also takes
+    the global options."""
+
+    def __init__(self, action: Any) -> None:
+        self._action = action
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = self._action.add_parser(name, **kwargs)
+        _global_options(parser, top=False)
+        add_subparsers = parser.add_subparsers
+
+        def nested(**options: Any) -> _Subcommands:
+            return _Subcommands(add_subparsers(**options))
+
+        parser.add_subparsers = nested  # type: ignore[method-assign, assignment]
+        return parser
 
 
 def _add_run(commands: Subparsers) -> None:
@@ -108,8 +176,9 @@ def _add_enqueue(commands: Subparsers) -> None:
     enqueue.add_argument("--message")
     enqueue.add_argument("--subject")
     enqueue.add_argument("--reference")
-    enqueue.add_argument("--expiration", type=float, help="Unix seconds")
-    enqueue.add_argument("--expires-in", type=float, help="seconds from now")
+    enqueue.add_argument("--expiration", type=_unix_seconds, help="Unix seconds")
+    enqueue.add_argument("--expires-in", type=_seconds_from_now, metavar="SECONDS",
+                         help="seconds from now (or a duration: 30s, 5m, 2h)")
     enqueue.add_argument("--param", action="append", default=[], help="param1..param4, in order")
     enqueue.add_argument("--data", help="the whole data object as JSON (other options add to it)")
     enqueue.add_argument("--dedup-key")
@@ -120,6 +189,30 @@ def _add_enqueue(commands: Subparsers) -> None:
     enqueue.add_argument("--ordering-key",
                          help="rows with the same key are published one after another")
     enqueue.set_defaults(handler=cmd_enqueue)
+
+
+#: the last second an expiration can name (9999-12-31, what Postgres and Python both hold)
+_LAST_UNIX_SECOND = 253402300799
+
+
+def _unix_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of Unix seconds") from None
+    if not math.isfinite(value) or not 0 <= value <= _LAST_UNIX_SECOND:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a Unix time in seconds (0 to {_LAST_UNIX_SECOND})")
+    return value
+
+
+def _seconds_from_now(text: str) -> float:
+    from outbox.settings import parse_duration  # noqa: PLC0415
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_status(commands: Subparsers) -> None:
@@ -181,12 +274,30 @@ def _add_config(commands: Subparsers) -> None:
 
 
 def _add_ws_relay(commands: Subparsers) -> None:
-    ws_relay = commands.add_parser("ws-relay", help="run a WebSocket topic relay for OTP-Pi")
+    ws_relay = commands.add_parser(
+        "ws-relay", help="run a WebSocket topic relay for OTP-Pi (users and topic rights from "
+                         "a users file)")
     ws_relay.add_argument("--host", default="127.0.0.1")
     ws_relay.add_argument("--port", type=int, default=8765)
-    ws_relay.add_argument("--user")
-    ws_relay.add_argument("--password", help="default: $OUTBOX_WS_RELAY_PASSWORD")
+    ws_relay.add_argument("--users", metavar="FILE",
+                          help="users file with hashed passwords and topic rights "
+                               "(default: $OUTBOX_WS_RELAY_USERS)")
+    ws_relay.add_argument("--insecure-no-auth", action="store_true",
+                          help="accept every client, with every right (tests, a closed LAN)")
+    ws_relay.add_argument("--certfile", help="PEM certificate (chain): serve wss://")
+    ws_relay.add_argument("--keyfile", help="PEM private key (default: inside --certfile)")
     ws_relay.set_defaults(handler=cmd_ws_relay)
+    actions = ws_relay.add_subparsers(title="ws-relay commands", metavar="ACTION")
+    passwd = actions.add_parser(
+        "passwd", help="add a user or set its password (read from standard input) and rights")
+    passwd.add_argument("user")
+    passwd.add_argument("--users", metavar="FILE",
+                        help="the users file (default: $OUTBOX_WS_RELAY_USERS)")
+    passwd.add_argument("--publish", metavar="TOPICS",
+                        help="topics the user may publish to, comma-separated (* for all)")
+    passwd.add_argument("--subscribe", metavar="TOPICS",
+                        help="topics the user may subscribe to, comma-separated (* for all)")
+    passwd.set_defaults(handler=cmd_ws_relay_passwd, settings_free=True)
 
 
 def _add_otp(commands: Subparsers) -> None:
@@ -204,6 +315,9 @@ def _add_otp(commands: Subparsers) -> None:
                               "(default: the create-otp route)")
     otp_validate.add_argument("--json", action="store_true", help="machine-readable output")
     otp_validate.set_defaults(handler=cmd_otp_validate)
+    otp_commands.add_parser(
+        "new-secret", help="print a fresh OUTBOX_OTP_SECRET (32 random bytes, hex)",
+    ).set_defaults(handler=cmd_otp_new_secret, settings_free=True)
 
 
 def _add_gateway(commands: Subparsers) -> None:
@@ -257,19 +371,21 @@ def _add_console(commands: Subparsers) -> None:
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from outbox.housekeeping import Housekeeper  # noqa: PLC0415 - keeps `outbox --help` fast
     from outbox.relay import RelayService  # noqa: PLC0415
-    from outbox.transports import open_transports, validate_transports  # noqa: PLC0415
 
-    validate_transports(settings)
-    url = db.resolve_database_url(settings)
+    url = db.resolve_database_url(settings, create=True)
     if args.migrate or not settings.database_url:
         db.upgrade(url)
     problems = db.check(url)
     if problems:
-        raise ConfigurationError("; ".join(problems))
+        raise OutboxError("; ".join(problems))  # exit 1, as `outbox check` and `db check`
     _apply_priorities(settings, url)
-    # Open (and drop) every transport once so that a bad URL fails now, not in a worker.
-    for transport in open_transports(settings).values():
-        transport.close()
+    if settings.database_url is None and settings.otp_secret and \
+            db.development_otp_secret_path(settings).exists():
+        logs.get_logger("outbox.cli").warning(
+            "otp.development_secret", path=str(db.development_otp_secret_path(settings)),
+            note="managed OTPs use the development secret kept next to the embedded "
+                 "database; set OUTBOX_OTP_SECRET for anything real")
+    _check_transports_at_start(settings)
     service = RelayService(settings, url, otp=_otp_issuer(settings))
     server = _health_server(settings, url, service)
     housekeeper = Housekeeper(settings, url, sample_metrics=server is not None)
@@ -297,6 +413,28 @@ def _apply_priorities(settings: Settings, url: str) -> None:
                                                priorities=dict(settings.priorities))
 
 
+def _check_transports_at_start(settings: Settings) -> None:
+    """Open and check every transport once, so that a refusal stops ``run`` now (exit 2)
+    rather than failing every row: credentials or configuration refused is permanent; a peer
+    that cannot be reached may come back, so the relay starts and retries (one warning)."""
+    from outbox.health import check_transport  # noqa: PLC0415
+    from outbox.transports import open_transports  # noqa: PLC0415
+
+    log = logs.get_logger("outbox.cli")
+    for transport in open_transports(settings).values():
+        try:
+            result = check_transport(transport)
+        finally:
+            transport.close()
+        if result.ok:
+            continue
+        if result.exit_code == EXIT_UNREACHABLE:
+            log.warning("transport.unreachable_at_start", route=transport.name,
+                        error=result.detail, action="starting anyway; rows retry until it is back")
+            continue
+        raise ConfigurationError(f"{result.name} refused: {result.detail}")
+
+
 def _health_server(settings: Settings, url: str, service: Any) -> Any:
     """/metrics, /livez and /readyz on ``metrics_port``, when one is configured."""
     if settings.metrics_port is None:
@@ -316,7 +454,7 @@ def _otp_issuer(settings: Settings) -> Any:
 
 
 def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
-    url = db.resolve_database_url(settings)
+    url = db.resolve_database_url(settings, create=True)
     db.upgrade(url)
     print(f"outbox schema at revision {db.current_revision(url)}")
     return EXIT_OK
@@ -345,7 +483,8 @@ def cmd_db_stop_embedded(args: argparse.Namespace, settings: Settings) -> int:
     if settings.database_url:
         raise ConfigurationError("DATABASE_URL is set: there is no embedded Postgres to stop")
     stopped = db.stop_embedded(settings.embedded_dir)
-    print("embedded Postgres stopped" if stopped else "no embedded Postgres was running")
+    print(f"embedded Postgres (pid {stopped}) stopped" if stopped is not None else
+          "no embedded Postgres was running here")
     return EXIT_OK
 
 
@@ -568,13 +707,58 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def cmd_ws_relay(args: argparse.Namespace, settings: Settings) -> int:
+def _users_file(args: argparse.Namespace) -> str | None:
     import os  # noqa: PLC0415
 
+    if os.environ.get("OUTBOX_WS_RELAY_PASSWORD"):
+        raise ConfigurationError(
+            "OUTBOX_WS_RELAY_PASSWORD is no longer read: ws-relay users live in a users file "
+            "(`outbox ws-relay passwd USER --users FILE`)")
+    found: str | None = args.users or os.environ.get("OUTBOX_WS_RELAY_USERS") or None
+    return found
+
+
+def cmd_ws_relay(args: argparse.Namespace, settings: Settings) -> int:
     from outbox.wsrelay import main_ws_relay  # noqa: PLC0415
 
-    password = args.password or os.environ.get("OUTBOX_WS_RELAY_PASSWORD")
-    return main_ws_relay(args.host, args.port, args.user, password)
+    return main_ws_relay(args.host, args.port, users_file=_users_file(args),
+                         insecure_no_auth=args.insecure_no_auth, certfile=args.certfile,
+                         keyfile=args.keyfile)
+
+
+def cmd_ws_relay_passwd(args: argparse.Namespace, settings: Settings) -> int:
+    import getpass  # noqa: PLC0415
+
+    from outbox.passwords import load_users, read_password, set_user  # noqa: PLC0415
+    from outbox.wsrelay import Rights, parse_rights  # noqa: PLC0415
+
+    path = _users_file(args)
+    if path is None:
+        raise ConfigurationError("ws-relay passwd needs --users FILE (or OUTBOX_WS_RELAY_USERS)")
+    try:
+        existing = load_users(path).get(args.user)
+    except ConfigurationError:
+        existing = None  # a new file; set_user refuses one it cannot read back
+    if args.publish is None and args.subscribe is None:
+        if existing is None:
+            raise ConfigurationError(f"new user {args.user!r} needs --publish and/or --subscribe "
+                                     "(topics, comma-separated; * for all)")
+        rights = parse_rights(existing.extra, args.user)
+    else:
+        def topics(text: str | None) -> frozenset[str]:
+            return frozenset(t.strip() for t in (text or "").split(",") if t.strip())
+
+        rights = Rights(topics(args.publish), topics(args.subscribe))
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {args.user}: ")
+        if not password:
+            raise ConfigurationError("no password given")
+    else:
+        password = read_password(sys.stdin)
+    set_user(path, args.user, password, rights.render() or None)
+    print(f"{'updated' if existing else 'added'} {args.user} in {path} "
+          f"({rights.render() or 'no rights'})")
+    return EXIT_OK
 
 
 def cmd_console(args: argparse.Namespace, settings: Settings) -> int:
@@ -648,6 +832,13 @@ def cmd_gateway_passwd(args: argparse.Namespace, settings: Settings) -> int:
         password = read_password(sys.stdin)
     set_user(path, args.user, password)
     print(f"user {args.user} written to {path}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_otp_new_secret(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox.otpkeys import new_secret  # noqa: PLC0415
+
+    print(new_secret())
     return EXIT_OK
 
 

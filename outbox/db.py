@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.resources
+import os
+import secrets
+import signal
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +21,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool
 from sqlalchemy.engine import Engine
 
-from outbox.errors import ConfigurationError, DatabaseUnavailable
+from outbox.errors import ConfigurationError, DatabaseUnavailable, OutboxError
 from outbox.settings import Settings
 
 VERSION_TABLE = "outbox_alembic_version"
@@ -39,10 +43,20 @@ def sqlalchemy_url(url: str) -> str:
     return "postgresql+psycopg://" + libpq_url(url).partition("://")[2]
 
 
-def resolve_database_url(settings: Settings) -> str:
-    """``DATABASE_URL``, or the embedded Postgres (started on first use) when unset."""
+def resolve_database_url(settings: Settings, *, create: bool = False) -> str:
+    """``DATABASE_URL``, or the embedded Postgres when unset.
+
+    Only ``create`` (``outbox run`` and ``outbox db upgrade``, what ``make run`` calls) may
+    set up a new embedded database; any other command run where there is none (another
+    folder than the project's) is refused rather than leave a second server behind.
+    """
     if settings.database_url:
         return libpq_url(settings.database_url)
+    path = Path(settings.embedded_dir).absolute()
+    if not create and not (path / "PG_VERSION").exists():
+        raise ConfigurationError(
+            f"DATABASE_URL is not set and there is no embedded Postgres in {path} (run the "
+            "command from the folder where `make run` keeps it, or set DATABASE_URL)")
     return embedded_url(settings.embedded_dir)
 
 
@@ -61,23 +75,101 @@ def embedded_url(directory: str) -> str:
             import pgserver  # noqa: PLC0415 - heavy, only for the embedded default
 
             server = pgserver.get_server(path, cleanup_mode=None)  # type: ignore[attr-defined]
+    except ImportError:
+        raise ConfigurationError(
+            "DATABASE_URL is not set and the embedded Postgres is not installed "
+            "(pip install 'outbox-otp[embedded]', or set DATABASE_URL)") from None
     except Exception as exc:
-        raise DatabaseUnavailable(f"cannot start the embedded Postgres in {path}: {exc}") from exc
+        raise DatabaseUnavailable(f"cannot start the embedded Postgres in {path}: "
+                                  f"{_first_line(exc)}") from exc
     return str(server.get_uri())
 
 
-def stop_embedded(directory: str) -> bool:
-    """Stop the embedded Postgres kept in ``directory``; False when none was running there."""
-    path = Path(directory).absolute()
-    if not (path / "postmaster.pid").exists():
-        return False
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # platformdirs' XDG_RUNTIME_DIR warning, as above
-        import pgserver  # noqa: PLC0415
+#: how long ``stop_embedded`` waits for the server to be gone
+STOP_TIMEOUT = 30.0
 
-        server = pgserver.get_server(path, cleanup_mode="stop")  # type: ignore[attr-defined]
-        server.cleanup()
-    return True
+
+def stop_embedded(directory: str, *, timeout: float = STOP_TIMEOUT) -> int | None:
+    """Stop the embedded Postgres kept in ``directory``: the pid it had, or None when none
+    was running there. Raises ``OutboxError`` when it is still running after ``timeout``.
+
+    Not through pgserver: it stops the server only when the caller holds its last "handle",
+    and a relay killed without cleaning up leaves its handle behind forever. A fast shutdown
+    (SIGINT to the postmaster) disconnects the clients (a running relay too) and stops
+    cleanly; the pid file is the server's own.
+    """
+    pid = _postmaster_pid(Path(directory).absolute())
+    if pid is None:
+        return None
+    try:
+        os.kill(pid, signal.SIGINT)
+    except ProcessLookupError:
+        return None
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise OutboxError(f"the embedded Postgres (pid {pid}) is still running "
+                              f"{timeout:g} s after it was asked to stop")
+        time.sleep(0.1)
+    return pid
+
+
+def _postmaster_pid(path: Path) -> int | None:
+    """The pid in ``postmaster.pid`` when that process is alive and is a postgres (a stale
+    file's pid may belong to another process by now)."""
+    try:
+        pid = int((path / "postmaster.pid").read_text().split("\n", 1)[0].strip())
+    except (OSError, ValueError):
+        return None
+    if not _alive(pid):
+        return None
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return pid  # no /proc (macOS): trust the server's own file
+    return pid if b"postgres" in command else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"  # a zombie has stopped; only its parent's wait is missing
+
+
+_DEV_OTP_FILE = "otp-secret"
+
+
+def development_otp_secret_path(settings: Settings) -> Path:
+    """``.outbox/otp-secret``: beside the embedded database's folder."""
+    return Path(settings.embedded_dir).absolute().parent / _DEV_OTP_FILE
+
+
+def development_otp_secret(settings: Settings, *, create: bool) -> Path | None:
+    """Where the development OTP secret of the embedded set-up is kept (next to its
+    database, mode 0600), creating it when ``create``; None when there is none.
+
+    Only for the embedded database (no ``DATABASE_URL``): that is ``make run`` on a
+    developer's machine, where managed ``create-otp`` should work out of the box. A real
+    deployment sets ``OUTBOX_OTP_SECRET``.
+    """
+    if settings.database_url or settings.otp_secret:
+        return None
+    path = development_otp_secret_path(settings)
+    if path.exists() or not create:
+        return path if path.exists() else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(32) + "\n")
+    return path
 
 
 def connect(url: str, *, autocommit: bool = False, connect_timeout: int = 5,
@@ -209,6 +301,8 @@ __all__ = [
     "check",
     "connect",
     "current_revision",
+    "development_otp_secret",
+    "development_otp_secret_path",
     "downgrade",
     "embedded_url",
     "head_revision",
@@ -216,5 +310,6 @@ __all__ = [
     "make_engine",
     "resolve_database_url",
     "sqlalchemy_url",
+    "stop_embedded",
     "upgrade",
 ]

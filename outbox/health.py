@@ -32,8 +32,9 @@ from outbox import operations_sql as sql
 from outbox.commands import COMMANDS
 from outbox.errors import ConfigurationError, DatabaseUnavailable, PublishError
 from outbox.logs import get_logger, scrub_text
-from outbox.settings import Settings, mask_url
+from outbox.settings import Settings
 from outbox.transports import Transport, open_transport, open_transports
+from outbox.urls import mask_url
 
 log = get_logger("outbox.health")
 

@@ -61,6 +61,7 @@ from outbox.commands import (
 )
 from outbox.errors import ConfigurationError, DuplicateReference, PermanentPublishError
 from outbox.logs import get_logger
+from outbox.otpkeys import check_secret, key_id
 from outbox.settings import Settings
 from outbox.store import (
     ClaimedRow,
@@ -85,8 +86,6 @@ MEANINGS: Mapping[str, str] = {
     LOCKED: "locked after too many wrong attempts",
 }
 
-#: HMAC keys shorter than this are refused: the code and the stored hash are only as strong
-MIN_SECRET_BYTES = 16
 PARAMS = ("param1", "param2", "param3", "param4")
 
 
@@ -118,11 +117,6 @@ def _fields(label: bytes, *parts: str) -> bytes:
         raw = part.encode("utf-8")
         out += len(raw).to_bytes(4, "big") + raw
     return bytes(out)
-
-
-def key_id(secret: bytes) -> str:
-    """A public name for a secret (it reveals nothing of it): which key hashed an OTP."""
-    return hmac.new(secret, b"outbox-otp/key-id", hashlib.sha256).hexdigest()[:16]
 
 
 def code_from_words(words: Iterable[int], digits: int, *, bits: int = 64) -> str:
@@ -193,7 +187,8 @@ class ManagedOtp:
     def from_settings(cls, settings: Settings) -> ManagedOtp:
         if not settings.otp_secret:
             raise ConfigurationError(
-                "managed OTPs need a secret: set OUTBOX_OTP_SECRET (at least 16 characters)")
+                "managed OTPs need a secret: set OUTBOX_OTP_SECRET (`outbox otp new-secret` "
+                "prints one)")
         return cls(settings.otp_secret, settings.otp_previous_secrets,
                    digits=settings.otp_digits, max_attempts=settings.otp_max_attempts)
 
@@ -272,10 +267,7 @@ class ManagedOtp:
 
 
 def _key(secret: str | bytes) -> bytes:
-    key = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
-    if len(key) < MIN_SECRET_BYTES:
-        raise ConfigurationError(f"an OTP secret must be at least {MIN_SECRET_BYTES} bytes long")
-    return key
+    return check_secret(secret, "an OTP secret")
 
 
 def validate_managed(connection: psycopg.Connection[Any], reference: str, receiver: str,
@@ -316,7 +308,13 @@ def verify_on_device(transport: Any, reference: str, receiver: str, otp: str,
     reply = call(encode({"command": command, "data": data}))
     code = reply.get("response_code") if isinstance(reply, dict) else None
     if not reply or code is None:
-        raise PermanentPublishError(f"device did not understand {command} (reply {reply!r:.40})")
+        # The keys only: the values may echo the receiver or the code.
+        keys = ", ".join(sorted(map(str, reply))) if isinstance(reply, dict) else ""
+        raise PermanentPublishError(f"device did not understand {command} (reply with "
+                                    f"{'fields ' + keys if keys else 'no fields'})")
+    if not str(code).isdigit() or len(str(code)) != 4:
+        raise PermanentPublishError(f"device answered {command} with a response_code "
+                                    "that is not a device code (not shown)")
     result = ValidationResult(str(code), OtpMode.DEVICE)
     log.debug("otp.validated", mode="device", reference=data["reference"], result=result.code)
     return result

@@ -26,14 +26,17 @@ _SA_INSERT = text(
     "INSERT INTO outbox.message (command, data, dedup_key, route, available_at, priority, "
     "ordering_key, enqueued_by) VALUES (:command, CAST(:data AS jsonb), :dedup_key, :route, "
     "coalesce(:available_at, now()), :priority, :ordering_key, :enqueued_by) "
-    "ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING RETURNING id"
+    "ON CONFLICT ((outbox.dedup_digest(dedup_key))) WHERE dedup_key IS NOT NULL DO NOTHING "
+    "RETURNING id"
 )
 _SA_INSERT_NO_DEDUP = text(
     "INSERT INTO outbox.message (command, data, route, available_at, priority, ordering_key, "
     "enqueued_by) VALUES (:command, CAST(:data AS jsonb), :route, coalesce(:available_at, now()), "
     ":priority, :ordering_key, :enqueued_by) RETURNING id"
 )
-_SA_SELECT = text("SELECT id FROM outbox.message WHERE dedup_key = :dedup_key")
+_SA_SELECT = text(
+    "SELECT id FROM outbox.message WHERE outbox.dedup_digest(dedup_key) = "
+    "outbox.dedup_digest(:dedup_key) AND dedup_key = :dedup_key")
 
 
 def enqueue(

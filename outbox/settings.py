@@ -24,11 +24,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from outbox.commands import COMMANDS, CREATE_OTP, SEND_EMAIL, SEND_SMS
 from outbox.errors import ConfigurationError
+from outbox.otpkeys import check_secret
+from outbox.routes import FAN_OUT, POOL, is_pool, pool_members, route_names
+from outbox.routes import ROUTE_OPERATORS as _ROUTE_OPERATORS
 from outbox.scheduling import Rate, parse_rate
+from outbox.transports import validate_transports
+from outbox.urls import check_url, is_secret_name, mask_url
 
 DEFAULT_TRANSPORT = "default"
 
@@ -137,13 +141,13 @@ class Settings:
         if not self.transports:
             raise ConfigurationError("no transport configured (set OUTBOX_TRANSPORT)")
         for name, url in self.transports.items():
-            if not urlsplit(url).scheme:
-                raise ConfigurationError(f"transport {name!r}: {mask_url(url)!r} is not a URL")
+            check_url(url, f"transport {name!r}")
             if not name or any(char in name for char in _ROUTE_OPERATORS):
                 raise ConfigurationError(
                     f"transport name {name!r}: a name must not be empty nor contain "
                     f"{' or '.join(map(repr, _ROUTE_OPERATORS))} (they build routes)")
         self._validate_routes()
+        self._validate_secrets()
         self._validate_receiver_limits()
         if self.pool_probe_interval <= 0:
             raise ConfigurationError("pool_probe_interval must be a positive duration (e.g. 5s)")
@@ -174,10 +178,10 @@ class Settings:
 
     def _validate_operations(self) -> None:
         if self.database_url is not None:
-            scheme = urlsplit(self.database_url).scheme.lower()
+            scheme = check_url(self.database_url, "DATABASE_URL").scheme
             if scheme.split("+", 1)[0] not in ("postgresql", "postgres"):
                 raise ConfigurationError(
-                    f"DATABASE_URL {mask_url(self.database_url)!r} is not a PostgreSQL URL "
+                    f"DATABASE_URL is a {scheme}:// URL, not a PostgreSQL one "
                     "(expected postgresql://user:password@host:5432/database)")
         unrouted = [command for command in COMMANDS
                     if DEFAULT_TRANSPORT in self.route_for(command, None)]
@@ -186,8 +190,6 @@ class Settings:
                 f"{', '.join(unrouted)} go to the {DEFAULT_TRANSPORT!r} transport, which is not "
                 "configured (set OUTBOX_TRANSPORT, or route them with OUTBOX_ROUTE_<COMMAND>)")
         # Scheme, dialect, OTP mode and timeout of every transport URL, without connecting.
-        from outbox.transports import validate_transports  # noqa: PLC0415 - imports us
-
         validate_transports(self)
         for name in ("sent_retention", "failed_retention"):
             if getattr(self, name) <= 0:
@@ -219,6 +221,12 @@ class Settings:
                             f"route {command} -> {name!r} names no configured transport "
                             f"(configured: {', '.join(sorted(self.transports))})"
                         )
+
+    def _validate_secrets(self) -> None:
+        if self.otp_secret:
+            check_secret(self.otp_secret)
+        for number, previous in enumerate(self.otp_previous_secrets, start=1):
+            check_secret(previous, f"OUTBOX_OTP_PREVIOUS_SECRETS (secret {number})")
 
     def _validate_receiver_limits(self) -> None:
         for command in self.receiver_limits:
@@ -268,73 +276,11 @@ class Settings:
         return shown
 
 
-#: a setting or URL query key containing one of these holds a secret ...
-_SECRET_WORDS = ("secret", "pass", "token", "auth", "credential", "signature")
-#: ... and so do these (but not ``routing_key`` or ``key_id``)
-_SECRET_NAMES = frozenset({"key", "apikey", "api_key", "api-key", "access_key", "private_key"})
-
-
-def _is_secret(name: str) -> bool:
-    lowered = name.lower()
-    return lowered in _SECRET_NAMES or any(word in lowered for word in _SECRET_WORDS)
-
-
-FAN_OUT = "+"
-POOL = "|"
-_ROUTE_OPERATORS = (FAN_OUT, POOL)
-
-
-def route_names(route: str) -> tuple[str, ...]:
-    """The targets of a route, each published once: ``"a"`` is one transport; ``"a+b"`` an
-    explicit fan-out to both; ``"a|b|c"`` a failover pool (the first member that is up
-    publishes the row); ``"a|b+c"`` a fan-out to the pool ``a|b`` and to ``c`` (``|`` binds
-    tighter than ``+``). A pool comes back normalised (``"a|b"``, no spaces): that is its
-    name in metrics and logs. A transport named twice in one route is refused: it would
-    send the same person two copies, or make a pool fail over to itself."""
-    targets: list[str] = []
-    seen: set[str] = set()
-    for part in route.split(FAN_OUT):
-        members = [name.strip() for name in part.split(POOL) if name.strip()]
-        for name in members:
-            if name in seen:
-                raise ConfigurationError(f"route {route!r} names {name!r} twice")
-            seen.add(name)
-        if members:
-            targets.append(POOL.join(members))
-    if not targets:
-        raise ConfigurationError(f"empty route {route!r}")
-    return tuple(targets)
-
-
-def pool_members(target: str) -> tuple[str, ...]:
-    """The transport names of one route target: one name, or a pool's members in order."""
-    return tuple(target.split(POOL))
-
-
-def is_pool(target: str) -> bool:
-    return POOL in target
-
-
-def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (and secret query values too)."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:***@{host}" if ":" in userinfo else f"{user}@{host}"
-    query = "&".join(
-        f"{k}=***" if _is_secret(k) else f"{k}={v}" if v else k
-        for k, _, v in (item.partition("=") for item in parts.query.split("&") if item)
-    )
-    masked = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    if not netloc and url.startswith(f"{parts.scheme}://"):
-        masked = f"{parts.scheme}://{masked[len(parts.scheme) + 1:]}"  # keep "stdout://"
-    return masked
+_is_secret = is_secret_name
 
 
 _ENV_PREFIX = "OUTBOX_"
-_NOT_SETTINGS = frozenset({"OUTBOX_CONFIG", "OUTBOX_WS_RELAY_PASSWORD",
+_NOT_SETTINGS = frozenset({"OUTBOX_CONFIG", "OUTBOX_WS_RELAY_PASSWORD", "OUTBOX_WS_RELAY_USERS",
                            # options `outbox gateway` and `outbox console` hand to the
                            # process serving them
                            "OUTBOX_GATEWAY_WORKER", "OUTBOX_CONSOLE_WORKER"})
@@ -439,6 +385,11 @@ def _coerce(key: str, raw: Any, annotation: Any) -> Any:  # noqa: PLR0911, PLR09
             if lowered in ("0", "false", "no", "off"):
                 return False
             raise ValueError
+        if key in _WHOLE_SECONDS:
+            seconds = _duration(raw)
+            if seconds != int(seconds):
+                raise ValueError
+            return int(seconds)
         if kind.startswith("int"):
             if isinstance(raw, bool):
                 raise TypeError
@@ -446,8 +397,24 @@ def _coerce(key: str, raw: Any, annotation: Any) -> Any:  # noqa: PLR0911, PLR09
         if kind.startswith("float"):
             return _duration(raw)
         return str(raw)
-    except (TypeError, ValueError):
-        raise ConfigurationError(f"setting {key}: {raw!r} is not a valid {kind}") from None
+    except (TypeError, ValueError, OverflowError) as exc:
+        if str(exc) == _TOO_LONG:
+            raise ConfigurationError(f"setting {key}: {raw!r} is {_TOO_LONG}") from None
+        what = "duration (examples: 90, 30s, 5m, 2h, 7d)" if key in _DURATIONS else \
+            kind.replace(" | None", "")
+        shown = "***" if _is_secret(key) else repr(raw)
+        raise ConfigurationError(f"setting {key}: {shown} is not a valid {what}") from None
+
+
+#: settings in seconds that also take a unit; ``otp_ttl`` is a whole number of seconds
+_WHOLE_SECONDS = frozenset({"otp_ttl"})
+_DURATIONS = frozenset({"poll_interval", "publish_timeout", "backoff_base", "backoff_max",
+                        "sent_retention", "failed_retention", "purge_interval",
+                        "pool_probe_interval", "claim_timeout", "priority_aging",
+                        "gateway_auth_cache_ttl"}) | _WHOLE_SECONDS
+#: beyond this no duration means anything (100 years): a larger one is a typo, and would
+#: overflow a date
+MAX_DURATION = 100 * 365 * 86400.0
 
 
 def _whole_number(raw: Any) -> int:
@@ -463,28 +430,44 @@ def parse_duration(text: str) -> float:
     """Seconds from ``90``, ``250ms``, ``30s``, ``5m``, ``2h`` or ``7d``; ValueError if not."""
     try:
         seconds = _duration(text)
-    except ValueError:
+    except ValueError as exc:
+        if str(exc) == _TOO_LONG:
+            raise ValueError(f"{text!r} is longer than 100 years") from None
         raise ValueError(f"{text!r} is not a duration (examples: 90, 30s, 5m, 2h, 7d)") from None
-    if seconds < 0 or not math.isfinite(seconds):
+    if seconds < 0:
         raise ValueError(f"{text!r} is not a duration (examples: 90, 30s, 5m, 2h, 7d)")
     return seconds
 
 
 def _duration(raw: Any) -> float:
-    """A number of seconds, or a string with a unit: ``250ms``, ``30s``, ``5m``, ``7d``."""
-    if isinstance(raw, int | float) and not isinstance(raw, bool):
-        return float(raw)
-    text = str(raw).strip().lower()
-    for unit in ("ms", "s", "m", "h", "d"):
-        if text.endswith(unit) and text[: -len(unit)].strip().replace(".", "", 1).isdigit():
-            return float(text[: -len(unit)]) * _UNITS[unit]
-    return float(text)
+    """A number of seconds, or a string with a unit: ``250ms``, ``30s``, ``5m``, ``7d``.
+    ValueError for anything else, and for infinities, NaN or more than ``MAX_DURATION``."""
+    if isinstance(raw, bool):
+        raise ValueError("not a duration")
+    if isinstance(raw, int | float):
+        seconds = float(raw)
+    else:
+        text = str(raw).strip().lower()
+        unit = next((unit for unit in ("ms", "s", "m", "h", "d") if text.endswith(unit)
+                     and text[: -len(unit)].strip().replace(".", "", 1).isdigit()), None)
+        seconds = float(text) if unit is None else float(text[: -len(unit)]) * _UNITS[unit]
+    if not math.isfinite(seconds):
+        raise ValueError("not a duration")
+    if abs(seconds) > MAX_DURATION:
+        raise ValueError(_TOO_LONG)
+    return seconds
+
+
+_TOO_LONG = "longer than 100 years"
 
 
 __all__ = [
     "DEFAULT_PRIORITIES",
     "DEFAULT_TRANSPORT",
+    "FAN_OUT",
+    "MAX_DURATION",
     "PERSONAL_COMMANDS",
+    "POOL",
     "Settings",
     "is_pool",
     "mask_url",

@@ -334,7 +334,7 @@ INSERT_MESSAGE = """
 INSERT INTO outbox.message (command, data, dedup_key, route, available_at, priority,
                             ordering_key, enqueued_by)
 VALUES (%s, %s, %s, %s, coalesce(%s, now()), %s, %s, %s)
-ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
+ON CONFLICT ((outbox.dedup_digest(dedup_key))) WHERE dedup_key IS NOT NULL DO NOTHING
 RETURNING id
 """
 
@@ -347,7 +347,12 @@ VALUES (%s, %s, %s, coalesce(%s, now()), %s, %s, %s)
 RETURNING id
 """
 
-SELECT_ID_BY_DEDUP_KEY = "SELECT id FROM outbox.message WHERE dedup_key = %s"
+# Through message_dedup_key_unique, which indexes a salted digest of the key (migration
+# 0009): a clash never shows the key in the error's DETAIL.
+SELECT_ID_BY_DEDUP_KEY = """
+SELECT id FROM outbox.message
+WHERE outbox.dedup_digest(dedup_key) = outbox.dedup_digest(%(key)s) AND dedup_key = %(key)s
+"""
 
 # What the gateway answers a client with, for a row it just enqueued or one a retry with the
 # same idempotency key names: the first acceptance, as it was.
@@ -737,7 +742,7 @@ def insert_message(
                                         priority, ordering_key, enqueued_by))
     row = cursor.fetchone()
     if row is None:
-        cursor.execute(SELECT_ID_BY_DEDUP_KEY, (dedup_key,))
+        cursor.execute(SELECT_ID_BY_DEDUP_KEY, {"key": dedup_key})
         row = cursor.fetchone()
     return int(row[0])
 
@@ -776,7 +781,7 @@ def otp_reference_is_live(cursor: Any, reference: str) -> bool:
 
 
 def find_message_by_dedup_key(cursor: Any, dedup_key: str) -> int | None:
-    cursor.execute(SELECT_ID_BY_DEDUP_KEY, (dedup_key,))
+    cursor.execute(SELECT_ID_BY_DEDUP_KEY, {"key": dedup_key})
     row = cursor.fetchone()
     return None if row is None else int(row[0])
 

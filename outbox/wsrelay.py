@@ -1,10 +1,18 @@
 """A small WebSocket topic relay that OTP-Pi devices can use (PROTOCOL.md section 7).
 
-Clients connect to ``ws://host:port/<any path>?topic=<topic>`` with Basic auth. Each text frame a
-client sends is forwarded unchanged to the other clients of the same topic; binary frames are
-ignored; nothing is stored, nothing is acknowledged. A handshake without a topic gets HTTP 400,
-one with wrong or missing credentials HTTP 401 (when credentials are configured; with none, every
-client is accepted).
+Clients connect to ``ws://host:port/<any path>?topic=<topic>`` (``wss://`` with
+``--certfile``/``--keyfile``) with Basic auth. Each text frame a client sends is forwarded
+unchanged to the other clients of the same topic; binary frames are ignored; nothing is
+stored, nothing is acknowledged. A handshake without a topic gets HTTP 400, one with wrong or
+missing credentials HTTP 401, one for a topic the user has no right to HTTP 403.
+
+Users and their rights come from a users file (:mod:`outbox.passwords`: ``user:argon2-hash``
+lines, written by ``outbox ws-relay passwd USER``, which reads the password from standard
+input). The third field holds the user's topic rights, ``pub=sms,mail;sub=sms`` (``*``: every
+topic): a listener needs ``sub`` on its topic, a publisher (below) ``pub``; a listener
+sending a frame to a topic it may not publish to is disconnected (close code 1008, policy
+violation) and the frame goes nowhere. ``outbox ws-relay`` refuses to start without a users
+file unless ``--insecure-no-auth`` is given. The file is read again when it changes.
 
 Beyond WSMessageBroker, one addition that plain clients never see: a client that sends
 ``X-Outbox-Role: publisher`` (outbox's WebSocket transport does) is a *publisher*. It gets no
@@ -23,7 +31,8 @@ misses some commands in the middle of a stream; a disconnect is visible to both 
 device reconnects. Either way the relay stores nothing, which is the contract of such a relay.
 
 Events (structlog, ``outbox.wsrelay``): ``ws.relay_listening``, ``ws.client_connected``,
-``ws.client_rejected``, ``ws.client_too_slow``, ``ws.client_disconnected``, ``ws.relay_stopped``.
+``ws.client_rejected``, ``ws.frame_refused``, ``ws.client_too_slow``, ``ws.client_disconnected``,
+``ws.relay_stopped``.
 Frame contents are never logged: they hold phone numbers, addresses and texts.
 """
 
@@ -34,10 +43,13 @@ import contextlib
 import hmac
 import http
 import json
+import ssl
 import sys
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 from urllib.parse import parse_qsl, urlsplit
 
 from websockets.asyncio.server import ServerConnection, broadcast
@@ -49,6 +61,7 @@ from websockets.http11 import Request, Response
 
 from outbox.errors import ConfigurationError
 from outbox.logs import get_logger
+from outbox.passwords import UsersFile
 from outbox.signals import stop_on_signals
 from outbox.transports.websocket import LISTENERS_HEADER, PUBLISHER_ROLE, ROLE_HEADER
 
@@ -67,56 +80,87 @@ class _Topic:
     publishers: set[ServerConnection] = field(default_factory=set)
 
 
-class Relay:
-    """The relay's state and its websockets hooks (one per listening server)."""
+ANY_TOPIC = "*"
 
-    def __init__(self, users: Mapping[str, str] | None, *,
-                 max_buffer: int = DEFAULT_MAX_BUFFER) -> None:
+
+@dataclass(frozen=True)
+class Rights:
+    """The topics a user may publish to and subscribe to (``*``: every topic)."""
+
+    publish: frozenset[str] = frozenset()
+    subscribe: frozenset[str] = frozenset()
+
+    def may_publish(self, topic: str) -> bool:
+        return topic in self.publish or ANY_TOPIC in self.publish
+
+    def may_subscribe(self, topic: str) -> bool:
+        return topic in self.subscribe or ANY_TOPIC in self.subscribe
+
+    def render(self) -> str:
+        """The users file's third field: ``pub=a,b;sub=c``."""
+        return ";".join(f"{key}={','.join(sorted(topics))}" for key, topics in
+                        (("pub", self.publish), ("sub", self.subscribe)) if topics)
+
+
+EVERYTHING = Rights(frozenset({ANY_TOPIC}), frozenset({ANY_TOPIC}))
+
+
+def parse_rights(field_text: str | None, user: str = "?") -> Rights:
+    """``pub=sms,mail;sub=sms`` (either part may be absent; none at all: no rights)."""
+    topics: dict[str, set[str]] = {"pub": set(), "sub": set()}
+    for part in (field_text or "").split(";"):
+        if not part.strip():
+            continue
+        key, equals, names = part.partition("=")
+        key = key.strip().lower()
+        if not equals or key not in topics:
+            raise ConfigurationError(
+                f"ws-relay user {user!r}: rights must read pub=TOPIC,...;sub=TOPIC,... "
+                "(* for every topic)")
+        topics[key].update(name.strip() for name in names.split(",") if name.strip())
+    return Rights(frozenset(topics["pub"]), frozenset(topics["sub"]))
+
+
+class Authenticator(Protocol):
+    """Who may connect, and with which rights (None: refused)."""
+
+    def authenticate(self, user: str, password: str) -> Rights | None: ...
+
+
+class UsersFileAuthenticator:
+    """Users and rights from a users file (argon2id hashes, rights in the third field),
+    read again whenever the file changes."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._file = UsersFile(path)
+        users = self._file.users
+        if not users:
+            raise ConfigurationError(f"users file {str(path)!r} has no users "
+                                     "(add one with `outbox ws-relay passwd USER`)")
+        for name, user in users.items():
+            parse_rights(user.extra, name)  # a mistake is refused at start, by user name
+
+    def authenticate(self, user: str, password: str) -> Rights | None:
+        known = self._file.authenticate(user, password)
+        if known is None:
+            return None
+        try:
+            return parse_rights(known.extra, known.name)
+        except ConfigurationError:
+            return None  # a line edited by hand into nonsense grants nothing
+
+
+class StaticUsers:
+    """Plain user/password pairs with every right: for tests and embedding, never the CLI."""
+
+    def __init__(self, users: Mapping[str, str], rights: Rights = EVERYTHING) -> None:
         self._credentials = [
             (user.encode("utf-8", "surrogateescape"), password.encode("utf-8", "surrogateescape"))
-            for user, password in (users or {}).items()
+            for user, password in users.items()
         ]
-        self.max_buffer = max_buffer
-        self._topics: dict[str, _Topic] = {}
-        self._closing: set[asyncio.Task[None]] = set()
+        self._rights = rights
 
-    @property
-    def authenticates(self) -> bool:
-        return bool(self._credentials)
-
-    def clients(self, topic: str) -> tuple[int, int]:
-        """``(listeners, publishers)`` connected to ``topic`` (call it in the relay's loop)."""
-        found = self._topics.get(topic)
-        return (len(found.listeners), len(found.publishers)) if found else (0, 0)
-
-    # -- handshake ------------------------------------------------------------------------
-
-    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        if not self._authorized(request.headers.get("Authorization")):
-            response = connection.respond(http.HTTPStatus.UNAUTHORIZED, "Invalid credentials\n")
-            response.headers["WWW-Authenticate"] = build_www_authenticate_basic(REALM)
-            _log_rejected(connection, 401, "credentials")
-            return response
-        if topic_of(request.path) is None:
-            _log_rejected(connection, 400, "no_topic")
-            return connection.respond(http.HTTPStatus.BAD_REQUEST, "Missing ?topic=\n")
-        return None
-
-    def process_response(self, connection: ServerConnection, request: Request,
-                         response: Response) -> None:
-        if response.status_code == http.HTTPStatus.SWITCHING_PROTOCOLS and _is_publisher(request):
-            topic = self._topics.get(topic_of(request.path) or "")
-            response.headers[LISTENERS_HEADER] = str(len(topic.listeners) if topic else 0)
-
-    def _authorized(self, header: str | None) -> bool:
-        if not self._credentials:
-            return True
-        if header is None:
-            return False
-        try:
-            user, password = parse_authorization_basic(header)
-        except InvalidHeader:
-            return False
+    def authenticate(self, user: str, password: str) -> Rights | None:
         given_user = user.encode("utf-8", "surrogateescape")
         given_password = password.encode("utf-8", "surrogateescape")
         # Every configured pair is compared, in constant time, whatever matches.
@@ -125,7 +169,77 @@ class Relay:
             same_user = hmac.compare_digest(expected_user, given_user)
             same_password = hmac.compare_digest(expected_password, given_password)
             matched |= same_user & same_password
-        return matched
+        return self._rights if matched else None
+
+
+def authenticator(users: Mapping[str, str] | Authenticator | None) -> Authenticator | None:
+    if users is None or isinstance(users, Mapping):
+        return StaticUsers(users) if users else None
+    return users
+
+
+class Relay:
+    """The relay's state and its websockets hooks (one per listening server)."""
+
+    def __init__(self, users: Mapping[str, str] | Authenticator | None, *,
+                 max_buffer: int = DEFAULT_MAX_BUFFER) -> None:
+        #: None: every client is accepted with every right (``--insecure-no-auth``)
+        self._auth = authenticator(users)
+        self.max_buffer = max_buffer
+        self._topics: dict[str, _Topic] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self._rights: dict[ServerConnection, Rights] = {}
+
+    @property
+    def authenticates(self) -> bool:
+        return self._auth is not None
+
+    def clients(self, topic: str) -> tuple[int, int]:
+        """``(listeners, publishers)`` connected to ``topic`` (call it in the relay's loop)."""
+        found = self._topics.get(topic)
+        return (len(found.listeners), len(found.publishers)) if found else (0, 0)
+
+    # -- handshake ------------------------------------------------------------------------
+
+    async def process_request(self, connection: ServerConnection,
+                              request: Request) -> Response | None:
+        rights = await self._authorized(request.headers.get("Authorization"))
+        if rights is None:
+            response = connection.respond(http.HTTPStatus.UNAUTHORIZED, "Invalid credentials\n")
+            response.headers["WWW-Authenticate"] = build_www_authenticate_basic(REALM)
+            _log_rejected(connection, 401, "credentials")
+            return response
+        topic = topic_of(request.path)
+        if topic is None:
+            _log_rejected(connection, 400, "no_topic")
+            return connection.respond(http.HTTPStatus.BAD_REQUEST, "Missing ?topic=\n")
+        publisher = _is_publisher(request)
+        if not (rights.may_publish(topic) if publisher else rights.may_subscribe(topic)):
+            _log_rejected(connection, 403, "no_publish_right" if publisher else "no_subscribe_right")
+            return connection.respond(http.HTTPStatus.FORBIDDEN,
+                                      "No right to this topic\n")
+        self._rights[connection] = rights
+        return None
+
+    def process_response(self, connection: ServerConnection, request: Request,
+                         response: Response) -> None:
+        if response.status_code != http.HTTPStatus.SWITCHING_PROTOCOLS:
+            self._rights.pop(connection, None)
+        if response.status_code == http.HTTPStatus.SWITCHING_PROTOCOLS and _is_publisher(request):
+            topic = self._topics.get(topic_of(request.path) or "")
+            response.headers[LISTENERS_HEADER] = str(len(topic.listeners) if topic else 0)
+
+    async def _authorized(self, header: str | None) -> Rights | None:
+        if self._auth is None:
+            return EVERYTHING
+        if header is None:
+            return None
+        try:
+            user, password = parse_authorization_basic(header)
+        except InvalidHeader:
+            return None
+        # argon2 takes tens of milliseconds on purpose: never in the event loop.
+        return await asyncio.to_thread(self._auth.authenticate, user, password)
 
     # -- connections ----------------------------------------------------------------------
 
@@ -146,14 +260,22 @@ class Relay:
         else:
             self._notify(topic.publishers, len(topic.listeners))
         frames = 0
+        may_publish = self._rights.get(connection, EVERYTHING).may_publish(name)
         try:
             async for message in connection:
-                if isinstance(message, str):  # binary frames are not commands
-                    frames += 1
-                    self._forward(topic, connection, message)
+                if not isinstance(message, str):  # binary frames are not commands
+                    continue
+                if not may_publish:
+                    log.warning("ws.frame_refused", topic=name, peer=_peer(connection),
+                                reason="no_publish_right")
+                    await connection.close(CloseCode.POLICY_VIOLATION, "no right to publish")
+                    break
+                frames += 1
+                self._forward(topic, connection, message)
         except ConnectionClosed:
             pass  # an abnormal close is still just a client leaving
         finally:
+            self._rights.pop(connection, None)
             self._leave(name, topic, connection, publisher)
             log.info("ws.client_disconnected", topic=name, role=role, peer=_peer(connection),
                      close_code=connection.close_code, frames=frames)
@@ -220,19 +342,25 @@ def _log_rejected(connection: ServerConnection, status: int, reason: str) -> Non
 # -- running it ------------------------------------------------------------------------
 
 
-async def serve(host: str, port: int, users: Mapping[str, str] | None, *,
+Users = Mapping[str, str] | Authenticator | None
+
+
+async def serve(host: str, port: int, users: Users, *,
                 ready: Callable[[int], object] | None = None,
-                max_buffer: int = DEFAULT_MAX_BUFFER) -> None:
+                max_buffer: int = DEFAULT_MAX_BUFFER,
+                tls: ssl.SSLContext | None = None) -> None:
     """Run the relay until cancelled; ``ready`` is called with the bound port once listening.
 
-    ``users`` maps user names to passwords; ``None`` or empty accepts every client. On
+    ``users``: an :class:`Authenticator` (a users file), or a mapping of user names to plain
+    passwords with every right; ``None`` or empty accepts every client. On
     cancellation open connections are closed with code 1001 (going away).
     """
-    await serve_relay(Relay(users, max_buffer=max_buffer), host, port, ready=ready)
+    await serve_relay(Relay(users, max_buffer=max_buffer), host, port, ready=ready, tls=tls)
 
 
 async def serve_relay(relay: Relay, host: str, port: int, *,
-                      ready: Callable[[int], object] | None = None) -> None:
+                      ready: Callable[[int], object] | None = None,
+                      tls: ssl.SSLContext | None = None) -> None:
     """:func:`serve` with a :class:`Relay` of the caller's (to look at its clients)."""
     async with websockets_serve(
         relay.handle, host, port,
@@ -241,9 +369,11 @@ async def serve_relay(relay: Relay, host: str, port: int, *,
         compression=None,  # a LAN relay of small frames: deflate costs more than it saves
         max_size=MAX_FRAME,
         server_header=None,
+        ssl=tls,
     ) as server:
         bound = server.sockets[0].getsockname()[1]
-        log.info("ws.relay_listening", host=host, port=bound, auth=relay.authenticates)
+        log.info("ws.relay_listening", host=host, port=bound, auth=relay.authenticates,
+                 tls=tls is not None)
         if ready is not None:
             ready(bound)
         try:
@@ -260,11 +390,13 @@ class RelayServer:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0,
-                 users: Mapping[str, str] | None = None, *,
-                 max_buffer: int = DEFAULT_MAX_BUFFER) -> None:
+                 users: Users = None, *,
+                 max_buffer: int = DEFAULT_MAX_BUFFER,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.host = host
         self.port = port
-        self.users = dict(users) if users else None
+        self.users: Users = dict(users) if isinstance(users, Mapping) else users
+        self.tls = tls
         self.max_buffer = max_buffer
         self._relay = Relay(self.users, max_buffer=max_buffer)
         self._thread: threading.Thread | None = None
@@ -336,7 +468,7 @@ class RelayServer:
             self._ready.set()
 
         serving = asyncio.create_task(serve_relay(self._relay, self.host, self.port,
-                                                  ready=on_ready))
+                                                  ready=on_ready, tls=self.tls))
         stopping = asyncio.create_task(self._stopping.wait())
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
@@ -347,30 +479,58 @@ class RelayServer:
             await stopping
 
 
-def run_relay(host: str, port: int, users: Mapping[str, str] | None,
-              stop: threading.Event) -> None:
+def run_relay(host: str, port: int, users: Users, stop: threading.Event, *,
+              tls: ssl.SSLContext | None = None) -> None:
     """Serve until ``stop`` is set (blocks the calling thread)."""
-    server = RelayServer(host, port, users).start()
+    server = RelayServer(host, port, users, tls=tls).start()
     try:
         stop.wait()
     finally:
         server.stop()
 
 
-def main_ws_relay(host: str, port: int, user: str | None, password: str | None) -> int:
+def tls_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None:
+    """The server's TLS context for ``wss://`` (None without a certificate)."""
+    if certfile is None:
+        if keyfile is not None:
+            raise ConfigurationError("ws-relay --keyfile needs --certfile (the certificate)")
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except FileNotFoundError as exc:
+        raise ConfigurationError(f"ws-relay: cannot read {exc.filename}") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigurationError(
+            "ws-relay: --certfile/--keyfile are not a certificate and its private key in PEM "
+            f"({getattr(exc, 'reason', None) or type(exc).__name__})") from None
+    return context
+
+
+def main_ws_relay(host: str, port: int, *, users_file: str | None = None,
+                  insecure_no_auth: bool = False, certfile: str | None = None,
+                  keyfile: str | None = None) -> int:
     """``outbox ws-relay``: serve until SIGTERM or SIGINT, then return 0.
 
-    Returns 1 (with a one-line cause on standard error) when the port cannot be bound; raises
-    :class:`ConfigurationError` when only one of user and password is given.
+    Raises :class:`ConfigurationError` without a users file (unless ``insecure_no_auth``),
+    for a users file that cannot be read or holds no users, and for a certificate that cannot
+    be loaded; returns 1 (with a one-line cause on standard error) when the port cannot be
+    bound.
     """
-    if (user is None) != (password is None):
+    if users_file is not None and insecure_no_auth:
+        raise ConfigurationError("ws-relay: --users and --insecure-no-auth contradict each other")
+    if users_file is None and not insecure_no_auth:
         raise ConfigurationError(
-            "ws-relay needs both --user and --password (or OUTBOX_WS_RELAY_PASSWORD), or neither"
-        )
-    users = {user: password} if user is not None and password is not None else None
+            "ws-relay refuses anonymous clients: give --users FILE (or OUTBOX_WS_RELAY_USERS; "
+            "add users with `outbox ws-relay passwd USER`), or --insecure-no-auth")
+    tls = tls_context(certfile, keyfile)
+    users = UsersFileAuthenticator(users_file) if users_file is not None else None
+    if users is None:
+        log.warning("ws.relay_insecure", note="--insecure-no-auth: every client may publish "
+                    "and subscribe to every topic")
     with stop_on_signals() as stop:
         try:
-            run_relay(host, port, users, stop)
+            run_relay(host, port, users, stop, tls=tls)
         except OSError as exc:
             print(f"outbox: error: cannot listen on {host}:{port}: {exc.strerror or exc}",
                   file=sys.stderr)
@@ -380,11 +540,18 @@ def main_ws_relay(host: str, port: int, user: str | None, password: str | None) 
 
 __all__ = [
     "DEFAULT_MAX_BUFFER",
+    "EVERYTHING",
+    "Authenticator",
     "Relay",
     "RelayServer",
+    "Rights",
+    "StaticUsers",
+    "UsersFileAuthenticator",
     "main_ws_relay",
+    "parse_rights",
     "run_relay",
     "serve",
     "serve_relay",
+    "tls_context",
     "topic_of",
 ]

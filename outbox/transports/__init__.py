@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from urllib.parse import urlsplit
+from typing import Protocol
 
 from outbox.commands import CREATE_OTP
 from outbox.errors import ConfigurationError
+from outbox.routes import is_pool, pool_members, route_names
 from outbox.scheduling import ProbePolicy
-from outbox.settings import Settings, is_pool, mask_url, pool_members, route_names
 from outbox.transports.base import (
     Envelope,
     Failures,
@@ -36,6 +36,7 @@ from outbox.transports.base import (
     TransportOptions,
     split_url,
 )
+from outbox.urls import check_url
 
 _SCHEMES: Mapping[str, tuple[str, str, OtpMode]] = {
     "stdout": ("outbox.transports.stdout", "StdoutTransport", OtpMode.MANAGED),
@@ -58,13 +59,36 @@ SCHEMES = tuple(_SCHEMES)
 DEVICE_TIMEOUT = 60.0
 
 
-def transport_options(url: str, settings: Settings) -> tuple[str, TransportOptions]:
-    scheme = urlsplit(url).scheme.lower()
+class TransportSettings(Protocol):
+    """What opening transports reads of the settings (``outbox.settings.Settings`` has it:
+    the settings import this package, never the other way round)."""
+
+    @property
+    def transports(self) -> Mapping[str, str]: ...
+
+    @property
+    def routes(self) -> Mapping[str, str]: ...
+
+    @property
+    def publish_timeout(self) -> float: ...
+
+    @property
+    def pool_probe_interval(self) -> float: ...
+
+
+def _scheme(name: str, url: str) -> str:
+    scheme = check_url(url, f"transport {name!r}").scheme
     if scheme not in _SCHEMES:
         raise ConfigurationError(
-            f"unknown transport scheme {scheme!r} in {mask_url(url)!r} "
-            f"(expected one of: {', '.join(SCHEMES)})"
+            f"transport {name!r}: unknown scheme {scheme!r} (expected one of: {', '.join(SCHEMES)})"
         )
+    return scheme
+
+
+def transport_options(url: str, settings: TransportSettings, *,
+                      name: str = "?") -> tuple[str, TransportOptions]:
+    """The URL handed to the library and outbox's own options, without connecting."""
+    scheme = _scheme(name, url)
     timeout = settings.publish_timeout
     if scheme in ("http", "https"):
         # OTP-Pi answers a send-sms once its modem sent it: seconds, at times well over ten.
@@ -73,10 +97,10 @@ def transport_options(url: str, settings: Settings) -> tuple[str, TransportOptio
     return split_url(url, default_otp=_SCHEMES[scheme][2], timeout=timeout)
 
 
-def open_transport(name: str, url: str, settings: Settings) -> Transport:
+def open_transport(name: str, url: str, settings: TransportSettings) -> Transport:
     """Build the transport for ``url`` (no network I/O: connections open on first use)."""
-    stripped, options = transport_options(url, settings)
-    module_name, class_name, _ = _SCHEMES[urlsplit(url).scheme.lower()]
+    stripped, options = transport_options(url, settings, name=name)
+    module_name, class_name, _ = _SCHEMES[_scheme(name, url)]
     module = importlib.import_module(module_name)
     factory = getattr(module, class_name)
     if module_name == "outbox.transports.stdout":
@@ -86,13 +110,13 @@ def open_transport(name: str, url: str, settings: Settings) -> Transport:
     return transport
 
 
-def probe_policy(settings: Settings) -> ProbePolicy:
+def probe_policy(settings: TransportSettings) -> ProbePolicy:
     """A pool probes down members every ``pool_probe_interval``; a member that keeps
     flapping, at doubling intervals up to twelve times that (a minute by default)."""
     return ProbePolicy(settings.pool_probe_interval, 12 * settings.pool_probe_interval)
 
 
-def open_target(target: str, settings: Settings) -> Transport:
+def open_target(target: str, settings: TransportSettings) -> Transport:
     """The transport of one route target: a configured name, or a pool ``a|b`` built of
     fresh instances of its members (its own connections and its own prober)."""
     if not is_pool(target):
@@ -110,7 +134,7 @@ def open_target(target: str, settings: Settings) -> Transport:
         raise
 
 
-def configured_pools(settings: Settings) -> list[str]:
+def configured_pools(settings: TransportSettings) -> list[str]:
     """The pools the configured routes name, each once."""
     pools: dict[str, None] = {}
     for route in settings.routes.values():
@@ -120,7 +144,7 @@ def configured_pools(settings: Settings) -> list[str]:
     return list(pools)
 
 
-def open_transports(settings: Settings) -> dict[str, Transport]:
+def open_transports(settings: TransportSettings) -> dict[str, Transport]:
     """Every configured transport, and every pool the configured routes name."""
     opened: dict[str, Transport] = {}
     try:
@@ -135,10 +159,10 @@ def open_transports(settings: Settings) -> dict[str, Transport]:
     return opened
 
 
-def validate_transports(settings: Settings) -> None:
+def validate_transports(settings: TransportSettings) -> None:
     """Check every transport URL at start-up without connecting anywhere, and that every
     pool's members can publish the same envelopes."""
-    options = {name: transport_options(url, settings)[1]
+    options = {name: transport_options(url, settings, name=name)[1]
                for name, url in settings.transports.items()}
     for command, route in settings.routes.items():
         for target in route_names(route):
@@ -173,6 +197,7 @@ __all__ = [
     "OtpMode",
     "Transport",
     "TransportOptions",
+    "TransportSettings",
     "configured_pools",
     "open_target",
     "open_transport",

@@ -20,7 +20,9 @@ reply                                  outcome
                                        the command
 ``send-sms`` reply, no response_code   permanent: the device dropped it as
                                        expired (clock skew or wrong dialect)
-other codes                            permanent, the code in the reason
+other codes                            permanent, the code in the reason when it
+                                       is four digits (anything else may echo a
+                                       receiver: only its length is told)
 401 (empty body)                       permanent: credentials refused
 408, 429, 5xx                          transient
 other 4xx, non-JSON reply              permanent
@@ -200,7 +202,17 @@ def classify(envelope: Envelope, reply: dict[str, Any]) -> None:
         if envelope.attempt > 1:
             return  # our earlier attempt reached the device; its reply was lost
         raise PermanentPublishError("reference already has a live OTP on the device (1201)")
-    raise PermanentPublishError(f"device answered response_code {code[:8]!r}")
+    raise PermanentPublishError(f"device answered response_code {reply_code(code)}")
+
+
+def reply_code(code: object) -> str:
+    """A device's response_code as it may be shown (in ``last_error``, logs, ``outbox failed
+    list``): the device's codes are four digits; anything else may be an echo of what was
+    sent (a receiver, a text), so only its length is told."""
+    text = str(code)
+    if len(text) == 4 and text.isascii() and text.isdigit():
+        return text
+    return f"that is not a device code ({len(text)} characters, not shown)"
 
 
 def _reason(exc: BaseException) -> str:
@@ -208,4 +220,4 @@ def _reason(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-__all__ = ["HttpTransport", "classify", "parse_reply"]
+__all__ = ["HttpTransport", "classify", "parse_reply", "reply_code"]

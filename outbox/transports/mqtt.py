@@ -53,7 +53,6 @@ from outbox.errors import (
     PublishError,
     TransientPublishError,
 )
-from outbox.settings import mask_url
 from outbox.transports.base import (
     OUR_QUERY_KEYS,
     Envelope,
@@ -61,6 +60,7 @@ from outbox.transports.base import (
     SessionTransport,
     TransportOptions,
 )
+from outbox.urls import mask_url
 
 DEFAULT_PORTS: Final = {"mqtt": 1883, "mqtts": 8883}
 DEFAULT_QOS: Final = 1

@@ -56,7 +56,6 @@ from outbox.errors import (
     PublishError,
     TransientPublishError,
 )
-from outbox.settings import mask_url
 from outbox.transports.base import (
     OUR_QUERY_KEYS,
     Envelope,
@@ -64,6 +63,7 @@ from outbox.transports.base import (
     SessionTransport,
     TransportOptions,
 )
+from outbox.urls import mask_url
 
 JSON: Final = "application/json"
 #: RabbitMQ doesn't persist messages sent with mode 1; the device's queue is not durable anyway.

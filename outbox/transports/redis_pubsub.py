@@ -42,7 +42,6 @@ from outbox.errors import (
     PublishError,
     TransientPublishError,
 )
-from outbox.settings import mask_url
 from outbox.transports.base import (
     OUR_QUERY_KEYS,
     Envelope,
@@ -51,6 +50,7 @@ from outbox.transports.base import (
     quick_reconnects,
     url_flag,
 )
+from outbox.urls import mask_url
 
 _OUR_KEYS: Final = frozenset({"topic", "accept_no_subscriber"}) | OUR_QUERY_KEYS
 #: errors after which a retry cannot help: credentials, ACL, a pre-6.0 AUTH mismatch

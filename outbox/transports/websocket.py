@@ -61,8 +61,8 @@ from outbox.errors import (
     PublishError,
     TransientPublishError,
 )
-from outbox.settings import mask_url
 from outbox.transports.base import Envelope, Failures, TransportOptions, quick_reconnects, url_flag
+from outbox.urls import mask_url
 
 #: Request header by which a publisher asks our relay for listener counts (and not for frames).
 ROLE_HEADER = "X-Outbox-Role"

@@ -38,7 +38,7 @@ pytest_plugins = ("tests.support.otp_pi_fixtures",)
 
 SHOP = basic("shop", "shop: a secret with a colon")
 OTHER = basic("other", "other-secret")
-OTP_SECRET = "an otp secret of sufficient length"
+OTP_SECRET = "8f3b1c6e2a9d4f7b0c5e8a1d3f6b9c2e4a7d0f3b6c9e2a5d8f1b4c7e0a3d6f9b"
 PATHS = ("/api/otp", "/api/sms", "/api/email", "/api/message", "/api/block", "/api/unblock")
 
 # The OTP-Publisher README's request bodies, byte for byte (tabs, and the trailing commas of

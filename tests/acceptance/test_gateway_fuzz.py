@@ -42,7 +42,8 @@ def running(database_url: str, tmp_path_factory: pytest.TempPathFactory,
     users = directory / "users"
     set_user(users, "fuzz", "fuzz-secret")
     env = env_for(database_url, OUTBOX_GATEWAY_USERS=str(users),
-                  OUTBOX_OTP_SECRET="a fuzzing secret, long enough", OUTBOX_LOG_LEVEL="warning")
+                  OUTBOX_OTP_SECRET="5e2a8d1f4b7c0e3a6d9f2b5c8e1a4d7f0b3c6e9a2d5f8b1c4e7a0d3f6b9c2e5a",
+                  OUTBOX_LOG_LEVEL="warning")
     with gateway(env, Path(directory)) as started:
         yield started
 

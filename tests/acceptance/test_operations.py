@@ -21,6 +21,10 @@ from psycopg.types.json import Jsonb
 from tests.acceptance.test_cli import OUTBOX, env_for, outbox
 from tests.conftest import empty_database, rows_by_state
 
+SECRET_1 = "74de07c4e919534b1b460e3465bb216ce0cc2bd458e42abaf0f22448da08d063"
+OLD_1 = "872737ae8121bc1b984efcbd5f7931d3822326351a30518a018c4c502b95c533"
+OLD_2 = "893a3cfd3912a125b2419774d2752a3bb8cc175927cd5b421336e4f028607452"
+
 pytestmark = pytest.mark.acceptance
 
 PHONE = "+6281234567890"
@@ -328,12 +332,12 @@ def test_config_shows_the_effective_settings_with_every_secret_masked(
                     'sms = "redis://:redis-pass@cache:6379/0?topic=sms&token=query-token"\n'
                     '[routes]\n"send-sms" = "sms"\n')
     env = env_for("postgresql://app:db-pass@127.0.0.1:5432/app", OUTBOX_CONFIG=str(path),
-                  OUTBOX_BATCH_SIZE="75", OUTBOX_OTP_SECRET="otp-secret-value",
-                  OUTBOX_OTP_PREVIOUS_SECRETS="old-secret-1,old-secret-2")
+                  OUTBOX_BATCH_SIZE="75", OUTBOX_OTP_SECRET=SECRET_1,
+                  OUTBOX_OTP_PREVIOUS_SECRETS=f"{OLD_1},{OLD_2}")
     result = outbox("config", env=env)
     assert result.returncode == 0, result.stderr
-    for secret in ("file-pass", "redis-pass", "query-token", "db-pass", "otp-secret-value",
-                   "old-secret"):
+    for secret in ("file-pass", "redis-pass", "query-token", "db-pass", "74de07c4e919534b",
+                   "872737ae8121bc1b", "893a3cfd3912a125"):
         assert secret not in result.stdout
     shown = json.loads(result.stdout)
     assert shown["batch_size"] == 75  # the environment wins over the file
@@ -354,9 +358,9 @@ def test_config_shows_the_effective_settings_with_every_secret_masked(
      "OUTBOX_PURGE_INTERVAL?)"),
     ({}, "sent_retension = '3d'\n", "unknown setting 'sent_retension' (in "),
     ({"DATABASE_URL": "mysql://app:db-pass@db/app"}, None,
-     "DATABASE_URL 'mysql://app:***@db/app' is not a PostgreSQL URL"),
+     "DATABASE_URL is a mysql:// URL, not a PostgreSQL one"),
     ({"OUTBOX_TRANSPORT": "stdout://?dialect=klingon"}, None, "unknown dialect 'klingon'"),
-    ({"OUTBOX_TRANSPORT": "pigeon://coop"}, None, "unknown transport scheme 'pigeon'"),
+    ({"OUTBOX_TRANSPORT": "pigeon://coop"}, None, "unknown scheme 'pigeon'"),
     ({"OUTBOX_ROUTE_SEND_SMS": "sms"}, None,
      "route send-sms -> 'sms' names no configured transport"),
     ({"OUTBOX_TRANSPORT": "", "OUTBOX_TRANSPORT_SMS": "stdout://"}, None, "which is not "

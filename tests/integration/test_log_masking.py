@@ -31,6 +31,8 @@ from outbox.testing import MemoryTransport
 from outbox.transports.base import Envelope
 from tests.support.log_capture import rendered_logs
 
+SECRET_1 = "6ba6788a4856383b477596762137262836492b50cb0230284c5d917dac21949d"
+
 pytestmark = pytest.mark.integration
 
 PHONE = "+6281234567890"
@@ -84,7 +86,7 @@ def test_no_receiver_text_or_code_in_any_log_line_of_a_full_run(
     crashy = CrashOnce()
     settings = Settings(database_url=clean_db,
                         transports={"default": "memory://", "crashy": "memory://"},
-                        routes={"block-msisdn": "crashy"}, otp_secret="masking-test-secret-0123",
+                        routes={"block-msisdn": "crashy"}, otp_secret=SECRET_1,
                         otp_digits=DIGITS, backoff_base=0.05, backoff_max=0.05,
                         poll_interval=0.05, purge_interval=0.1, sent_retention=0.5,
                         failed_retention=3600.0, workers=2)

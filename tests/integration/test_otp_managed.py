@@ -33,7 +33,7 @@ from tests.support.log_capture import rendered_logs
 
 pytestmark = pytest.mark.integration
 
-SECRET = "integration-test-otp-secret-0123"
+SECRET = "eb92cc52a766c500e001d02f1eaa78784da47f8c96b019ce874d3e3c205b4e3c"
 MSISDN = "+6281234567890"
 PARAMS = ("transfer", "150000", "acct-9", "")
 AMQP = "amqp://guest:guest@127.0.0.1:5672"

@@ -32,7 +32,7 @@ from tests.support.otp_pi import Fault, OtpPi
 pytest_plugins = ("tests.support.otp_pi_fixtures",)
 pytestmark = pytest.mark.integration
 
-SECRET = "secrecy-test-otp-secret-0123456789"
+SECRET = "5240bac47786b45d8d7421b910d5b59285b7bdb3861ed5230eb5b0b125c2d4a4"
 MSISDN = "+6281234567890"
 #: ten digits: a six-digit code could turn up by chance in a timestamp's microseconds
 DIGITS = 10

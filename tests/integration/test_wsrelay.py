@@ -20,7 +20,6 @@ from outbox.wsrelay import RelayServer, main_ws_relay, run_relay
 from tests.support.websocket import (
     PATH,
     RELAY_PASSWORD,
-    RELAY_USER,
     basic_auth,
     device,
     free_port,
@@ -188,22 +187,20 @@ def test_main_ws_relay_stops_on_sigterm_and_restores_the_handler() -> None:
     killer = threading.Thread(target=terminate_when_listening)
     killer.start()
     try:
-        assert main_ws_relay("127.0.0.1", port, RELAY_USER, RELAY_PASSWORD) == 0
+        assert main_ws_relay("127.0.0.1", port, insecure_no_auth=True) == 0
     finally:
         killer.join(10)
     assert signal.getsignal(signal.SIGTERM) is previous
     assert not _listening(port)
 
 
-def test_main_ws_relay_refuses_half_credentials_and_a_busy_port(
+def test_main_ws_relay_refuses_anonymous_use_and_a_busy_port(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    with pytest.raises(ConfigurationError, match="--user"):
-        main_ws_relay("127.0.0.1", free_port(), RELAY_USER, None)
-    with pytest.raises(ConfigurationError):
-        main_ws_relay("127.0.0.1", free_port(), None, RELAY_PASSWORD)
+    with pytest.raises(ConfigurationError, match="--insecure-no-auth"):
+        main_ws_relay("127.0.0.1", free_port())
     with _busy_port() as port:
-        assert main_ws_relay("127.0.0.1", port, None, None) == 1
+        assert main_ws_relay("127.0.0.1", port, insecure_no_auth=True) == 1
     assert "cannot listen" in capsys.readouterr().err
 
 

@@ -18,6 +18,10 @@ from outbox.errors import ConfigurationError, PermanentPublishError, TransientPu
 from outbox.settings import Settings, mask_url, parse_duration
 from outbox.testing import MemoryTransport
 
+SECRET_1 = "872737ae8121bc1b984efcbd5f7931d3822326351a30518a018c4c502b95c533"
+SECRET_2 = "893a3cfd3912a125b2419774d2752a3bb8cc175927cd5b421336e4f028607452"
+
+
 # --- console -------------------------------------------------------------------------------
 
 
@@ -127,11 +131,11 @@ def test_metric_route_labels_come_from_a_closed_set() -> None:
                                  "you mean OUTBOX_BACKOFF_MAX?)"),
     ({"OUTBOX_FROBNICATE": "1"}, "unknown setting 'frobnicate' (from OUTBOX_FROBNICATE)"),
     ({"DATABASE_URL": "mysql://root:pw@db/app"},
-     "DATABASE_URL 'mysql://root:***@db/app' is not a PostgreSQL URL"),
-    ({"DATABASE_URL": "db.example.com"}, "is not a PostgreSQL URL"),
+     "DATABASE_URL is a mysql:// URL, not a PostgreSQL one"),
+    ({"DATABASE_URL": "db.example.com"}, "DATABASE_URL: not a URL"),
     ({"OUTBOX_TRANSPORT": "stdout://?dialect=klingon"}, "unknown dialect 'klingon'"),
     ({"OUTBOX_TRANSPORT": "stdout://?otp=maybe"}, "unknown otp mode 'maybe'"),
-    ({"OUTBOX_TRANSPORT": "fax://office"}, "unknown transport scheme 'fax'"),
+    ({"OUTBOX_TRANSPORT": "fax://office"}, "unknown scheme 'fax'"),
     ({"OUTBOX_TRANSPORT_SMS": "stdout://"}, "send-email, block-msisdn, unblock-msisdn, "
                                             "create-otp go to the 'default' transport"),
     ({"OUTBOX_METRICS_PORT": "-1"}, "metrics_port -1 is not a TCP port"),
@@ -171,7 +175,8 @@ def test_every_secret_looking_thing_is_masked() -> None:
     assert mask_url("stdout://") == "stdout://"
     assert mask_url("amqp://u:p@h/%2F?topic=sms&api_key=k&sslpassword=s") == \
         "amqp://u:***@h/%2F?topic=sms&api_key=***&sslpassword=***"
-    shown = Settings(otp_secret="s3cret", otp_previous_secrets=("a", "b")).masked()
+    shown = Settings(otp_secret="cde0fb0dec1400c54a0f7e7eafa73624c53e4da258bbd34b3380a0defeba95c1",
+                     otp_previous_secrets=(SECRET_1, SECRET_2)).masked()
     assert shown["otp_secret"] == "********"
     assert shown["otp_previous_secrets"] == ["********", "********"]
 

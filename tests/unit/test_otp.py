@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import re
@@ -25,6 +26,7 @@ from outbox.otp import (
     otp_route,
     verify_on_device,
 )
+from outbox.otpkeys import check_secret, new_secret
 from outbox.relay import Relay
 from outbox.settings import Settings
 from outbox.testing import MemoryStore, MemoryTransport
@@ -32,8 +34,8 @@ from outbox.transports import OtpMode
 from outbox.transports.base import TransportOptions
 from tests.support.log_capture import rendered_logs
 
-SECRET = "unit-test-secret-0123456789"
-OLD_SECRET = "the-previous-secret-abcdef"
+SECRET = "385cfdbc00ec32031699460779c15099b2bba3cad0e440fffb08e10df0acb9e1"
+OLD_SECRET = "6da0633528deaa0144e7b058315f0b753ec0b945163a72bf96a0d18180f9de0d"
 MSISDN = "+6281234567890"
 
 
@@ -141,9 +143,7 @@ def test_key_ids_name_secrets_without_revealing_them() -> None:
 def test_secrets_must_be_set_and_long_enough() -> None:
     with pytest.raises(ConfigurationError, match="OUTBOX_OTP_SECRET"):
         ManagedOtp.from_settings(Settings())
-    with pytest.raises(ConfigurationError, match="16"):
-        ManagedOtp.from_settings(Settings(otp_secret="short"))
-    with pytest.raises(ConfigurationError, match="16"):
+    with pytest.raises(ConfigurationError, match="128"):
         ManagedOtp(SECRET, ["short"])
     issuer = ManagedOtp.from_settings(Settings(otp_secret=SECRET, otp_digits=8, otp_max_attempts=2))
     assert (issuer.digits, issuer.max_attempts) == (8, 2)
@@ -399,3 +399,44 @@ def test_device_mode_sends_verify_otp_in_the_transports_dialect() -> None:
         assert json.loads(rest.calls[0]) == {"command": name, "data": {
             "reference": "r", "receiver": MSISDN, "otp": "123456", "param1": "a",
             "date_time": 1_800_000_000}}
+
+
+# --- the secret's strength -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weak", [
+    "0000000000000000",                      # 16 characters: hex for 8 bytes, a pattern
+    "00000000000000000000000000000000",      # 128 bits of hex, all zero
+    "abababababababababababababababab",      # 128 bits, a repeated pattern
+    "correct horse battery staple",          # a pass phrase: not hex, not base64
+    "c2hvcnQ=",                              # base64 of 5 bytes
+    "0123456789abcdef0123456789abcde",       # 31 hex digits
+])
+def test_a_secret_without_128_random_bits_is_refused_without_quoting_it(weak: str) -> None:
+    with pytest.raises(ConfigurationError) as refused:
+        Settings(otp_secret=weak).validate()
+    assert weak not in str(refused.value)
+    assert "OUTBOX_OTP_SECRET" in str(refused.value)
+    with pytest.raises(ConfigurationError):
+        Settings(otp_secret=SECRET, otp_previous_secrets=(weak,)).validate()
+
+
+def test_the_accepted_forms() -> None:
+    raw = bytes(range(100, 132))
+    for written in (raw.hex(), raw.hex().upper(), base64.b64encode(raw).decode(),
+                    base64.urlsafe_b64encode(raw).decode().rstrip("="),
+                    base64.b64encode(raw[:16]).decode().rstrip("=")):
+        Settings(otp_secret=written).validate()
+        assert ManagedOtp(written).current_key_id == key_id(written.encode())
+
+
+def test_new_secrets_are_accepted_and_differ() -> None:
+    first, second = new_secret(), new_secret()
+    assert first != second and len(first) == 64
+    assert check_secret(first) == first.encode()
+
+
+def test_random_secrets_are_never_refused_as_patterns() -> None:
+    rng = random.Random(14)
+    for _ in range(2000):
+        check_secret(rng.randbytes(16).hex())

@@ -8,6 +8,9 @@ import pytest
 from outbox.errors import ConfigurationError
 from outbox.settings import Settings, mask_url
 
+OLD_1 = "872737ae8121bc1b984efcbd5f7931d3822326351a30518a018c4c502b95c533"
+OLD_2 = "893a3cfd3912a125b2419774d2752a3bb8cc175927cd5b421336e4f028607452"
+
 
 def test_defaults_are_the_embedded_database_and_stdout() -> None:
     settings = Settings.from_env({})
@@ -25,7 +28,7 @@ def test_environment_names_transports_and_routes() -> None:
         "OUTBOX_POLL_INTERVAL": "250ms",
         "OUTBOX_SENT_RETENTION": "2d",
         "OUTBOX_BLANK_TERMINAL_TEXTS": "yes",
-        "OUTBOX_OTP_PREVIOUS_SECRETS": "old1,old2",
+        "OUTBOX_OTP_PREVIOUS_SECRETS": f"{OLD_1},{OLD_2}",
         "OUTBOX_TEST_AMQP_URL": "ignored: belongs to the test suite",
         "PATH": "/bin",
     })
@@ -38,7 +41,8 @@ def test_environment_names_transports_and_routes() -> None:
     assert settings.poll_interval == 0.25
     assert settings.sent_retention == 2 * 86400
     assert settings.blank_terminal_texts is True
-    assert settings.otp_previous_secrets == ("old1", "old2")
+    assert settings.otp_previous_secrets == (OLD_1, OLD_2)
+    assert Settings.from_env({"OUTBOX_OTP_TTL": "5m"}).otp_ttl == 300
 
 
 def test_toml_file_then_environment(tmp_path: Path) -> None:
@@ -56,7 +60,7 @@ def test_toml_file_then_environment(tmp_path: Path) -> None:
     ({"OUTBOX_BATCH_SIZE": "0"}, "batch_size must be at least 1"),
     ({"OUTBOX_ROUTE_SEND_SMS": "sms"}, "route send-sms -> 'sms' names no configured transport"),
     ({"OUTBOX_ROUTE_SEND_FAX": "default"}, "route for unknown command 'send-fax'"),
-    ({"OUTBOX_TRANSPORT": "not a url"}, "is not a URL"),
+    ({"OUTBOX_TRANSPORT": "not a url"}, "not a URL"),
     ({"OUTBOX_LOG_FORMAT": "xml"}, "log_format must be auto, json or console"),
     ({"OUTBOX_BLANK_TERMINAL_TEXTS": "perhaps"}, "not a valid bool"),
     ({"OUTBOX_CONFIG": "/nonexistent/outbox.toml"}, "does not exist"),
@@ -77,11 +81,11 @@ def test_masked_settings_show_no_secret() -> None:
     settings = Settings.from_env({
         "DATABASE_URL": "postgresql://app:db-pass@db/app",
         "OUTBOX_TRANSPORT": "mqtt://relay:mq-pass@broker:1883?topic=sms&password=q-pass",
-        "OUTBOX_OTP_SECRET": "otp-secret",
-        "OUTBOX_OTP_PREVIOUS_SECRETS": "old-secret",
+        "OUTBOX_OTP_SECRET": "cde0fb0dec1400c54a0f7e7eafa73624c53e4da258bbd34b3380a0defeba95c1",
+        "OUTBOX_OTP_PREVIOUS_SECRETS": OLD_1,
     })
     shown = repr(settings.masked())
-    for secret in ("db-pass", "mq-pass", "q-pass", "otp-secret", "old-secret"):
+    for secret in ("db-pass", "mq-pass", "q-pass", "cde0fb0dec1400c5", "872737ae8121bc1b"):
         assert secret not in shown
     assert "relay:***@broker:1883" in shown
 
