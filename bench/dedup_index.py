@@ -1,9 +1,9 @@
-"""What comparing dedup keys through a salted digest costs an INSERT (migration 0009).
+"""What comparing dedup keys through a salted digest costs an INSERT (migration 0011).
 
     python -m bench.dedup_index [--rows N] [--rounds R]
 
 Two tables side by side in a scratch schema, one with a unique index on the key itself (as
-before 0009), one with the unique index on ``outbox.dedup_digest(key)``; each round inserts
+before 0011), one with the unique index on ``outbox.dedup_digest(key)``; each round inserts
 the same number of rows with fresh keys into both, in alternating order, one row per
 transaction (the app's case, with ``synchronous_commit`` off so that the disk does not drown
 the difference), then one conflicting row with ``ON CONFLICT DO NOTHING``. The

@@ -54,7 +54,7 @@ message = Table(
     Column("served_by", Text),
     # message_state_valid and message_attempts_nonnegative are enforced by the triggers
     # (migration 0006): a CHECK constraint is planned again for every INSERT statement.
-    # a salted digest of the key, so that a clash never shows the key (migration 0009)
+    # a salted digest of the key, so that a clash never shows the key (migration 0011)
     Index("message_dedup_key_unique", text("outbox.dedup_digest(dedup_key)"), unique=True,
           postgresql_where=text("dedup_key IS NOT NULL")),
     Index("message_claim", text("outbox.lane_key(route, command)"), "priority", "available_at",

@@ -348,7 +348,7 @@ RETURNING id
 """
 
 # Through message_dedup_key_unique, which indexes a salted digest of the key (migration
-# 0009): a clash never shows the key in the error's DETAIL.
+# 0011): a clash never shows the key in the error's DETAIL.
 SELECT_ID_BY_DEDUP_KEY = """
 SELECT id FROM outbox.message
 WHERE outbox.dedup_digest(dedup_key) = outbox.dedup_digest(%(key)s) AND dedup_key = %(key)s

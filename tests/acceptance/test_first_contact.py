@@ -262,7 +262,7 @@ def running(pid: int) -> bool:
     return not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def test_a_row_routed_to_one_transport_twice_is_sent_once(clean_db: str) -> None:
+def test_a_row_routed_to_one_transport_twice_is_refused_not_sent_twice(clean_db: str) -> None:
     env = clean_env(clean_db, OUTBOX_TRANSPORT="stdout://", OUTBOX_LOG_FORMAT="json")
     with psycopg.connect(clean_db, autocommit=True) as connection:
         connection.execute("""INSERT INTO outbox.message (command, data, route) VALUES
@@ -286,5 +286,8 @@ def test_a_row_routed_to_one_transport_twice_is_sent_once(clean_db: str) -> None
                 process.kill()
     records = seen + [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     copies = [r for r in records if r.get("command") == "block-msisdn" and "event" not in r]
-    assert state == ("sent",)
-    assert len(copies) == 1
+    assert state == ("failed",)
+    assert copies == []
+    with psycopg.connect(clean_db, autocommit=True) as connection:
+        [(reason,)] = connection.execute("SELECT last_error FROM outbox.message").fetchall()
+    assert "is not a route" in reason

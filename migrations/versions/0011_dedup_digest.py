@@ -16,8 +16,8 @@ index in their ``ON CONFLICT`` and look an existing key up through it. An applic
 Python helper of an older version names the old index in its ``ON CONFLICT`` and fails once
 this migration ran: upgrade the applications' ``outbox`` package with it.
 
-Revision ID: 0009
-Revises: 0008
+Revision ID: 0011
+Revises: 0010
 Create Date: 2026-12-01
 """
 
@@ -27,8 +27,8 @@ import secrets
 
 from alembic import op
 
-revision = "0009"
-down_revision = "0008"
+revision = "0011"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 
