@@ -3,7 +3,8 @@
     python -m bench.chaos [--quick] [--only SCENARIO[,SCENARIO...]] [--seed N]
 
 Scenarios (issue 7): ``sigkill``, ``rabbitmq-restart``, ``mqtt-restart``, ``postgres-restart``,
-``poison``, ``long-transaction``, ``bad-input``. Each ends in one ``VERDICT`` line. What was
+``poison``, ``long-transaction``, ``bad-input``; (issue 10, :mod:`bench.claims`):
+``frozen-relay``, ``partitioned-relay``, ``slow-device``. Each ends in one ``VERDICT`` line. What was
 enqueued is read back from ``outbox.message`` itself (every committed row, whatever the
 application saw of its commit); what was delivered is what a subscriber in its own process
 received, by message id.
@@ -37,6 +38,7 @@ from typing import Any
 
 import psycopg
 
+from bench import claims
 from bench.common import (
     AMQP_URL,
     RESULTS,
@@ -62,7 +64,8 @@ from bench.common import (
 )
 
 SCENARIOS = ("sigkill", "rabbitmq-restart", "mqtt-restart", "postgres-restart", "poison",
-             "long-transaction", "bad-input", "pool-failover", "rate-limit")
+             "long-transaction", "bad-input", "frozen-relay", "partitioned-relay", "slow-device",
+             "pool-failover", "rate-limit")
 #: one worker: a SIGKILL can then cost at most the one batch in flight
 CHAOS = RelayConfig(batch_size=500, workers=1)
 SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
@@ -79,12 +82,18 @@ class Sizes:
     hold: float
     hold_after: float
     examples: int
+    #: rows of the bounded-claim scenarios, and how long they freeze, cut and watch
+    claim_rows: int = 300
+    freeze: float = 60.0
+    slow_rows: int = 500
+    watch: float = 60.0
 
 
 FULL = Sizes(kill_rows=50_000, kills=20, kill_interval=(0.5, 2.0), outage=60.0,
              poison_rows=20_000, hold_before=60.0, hold=600.0, hold_after=60.0, examples=1000)
 QUICK = Sizes(kill_rows=5_000, kills=5, kill_interval=(0.2, 0.6), outage=10.0,
-              poison_rows=3_000, hold_before=15.0, hold=30.0, hold_after=15.0, examples=150)
+              poison_rows=3_000, hold_before=15.0, hold=30.0, hold_after=15.0, examples=150,
+              claim_rows=100, freeze=20.0, slow_rows=60, watch=15.0)
 
 
 @dataclass
@@ -718,6 +727,26 @@ class Chaos:
                        {"cases": summary_cases, "endings": endings,
                         "delivery": vars(delivery) | {"lost": delivery.lost[:20]}})
 
+    # -- bounded claims (bench/claims.py) ------------------------------------------------------
+
+    def frozen_relay(self) -> Verdict:
+        outcome = claims.frozen_relay(self.url, self.logs, rows=self.sizes.claim_rows,
+                                      freeze=self.sizes.freeze)
+        return Verdict("frozen-relay", outcome.passed, outcome.summary, outcome.details)
+
+    def partitioned_relay(self) -> Verdict:
+        outcome = claims.partitioned_relay(self.url, self.logs, rows=self.sizes.claim_rows,
+                                           cut_for=self.sizes.freeze)
+        if outcome is None:
+            return Verdict("partitioned-relay", None,
+                           f"network namespaces unavailable: {claims.Namespace.available()}")
+        return Verdict("partitioned-relay", outcome.passed, outcome.summary, outcome.details)
+
+    def slow_device(self) -> Verdict:
+        outcome = claims.slow_device(self.url, self.logs, rows=self.sizes.slow_rows,
+                                     watch=self.sizes.watch)
+        return Verdict("slow-device", outcome.passed, outcome.summary, outcome.details)
+
 
 POISON_SEED = """
 INSERT INTO outbox.message (command, data)
@@ -739,12 +768,14 @@ def clean_rate(url: str) -> float:
 
 def explain_claim(conn: psycopg.Connection[Any]) -> tuple[float, int]:
     """The relay's claim, explained and rolled back: its time and the buffers it touched."""
-    from outbox.store import CLAIM_BATCH  # noqa: PLC0415
+    from outbox.store import CLAIM_LOCKED  # noqa: PLC0415
 
     try:
         with conn.transaction(force_rollback=True):
-            plan = conn.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + CLAIM_BATCH,
-                                (CHAOS.batch_size,)).fetchone()[0]
+            conn.execute("SET LOCAL jit = off")  # as on the relay's own sessions
+            plan = conn.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + CLAIM_LOCKED, {
+                "keys": ["@send-sms"], "limit": CHAOS.batch_size, "aging": 60.0,
+                "max_priority": 9}).fetchone()[0]
     except psycopg.Error:
         return float("nan"), 0
     top = plan[0]

@@ -60,8 +60,8 @@ from bench.common import (
     write_json,
 )
 
-SECTIONS = ("enqueue", "throughput", "latency", "scaling", "peer", "long", "console",
-            "limits", "gateway")
+SECTIONS = ("enqueue", "throughput", "latency", "scaling", "peer", "long", "priorities",
+            "console", "limits", "gateway")
 TRANSPORTS = ("amqp", "redis", "mqtt", "http", "stdout")
 #: the transport module each section needs: a section runs once its module exists
 MODULES = {"amqp": "outbox.transports.rabbitmq", "redis": "outbox.transports.redis_pubsub",
@@ -484,6 +484,14 @@ class Bench:
 
         return gateway.run(self.url, self.log("gateway"), quick=self.sizes is QUICK)
 
+    def priorities(self) -> dict[str, Any]:
+        """Issue 11's rows (bench/priorities.py): an OTP behind a long bulk backlog, the
+        drain with priorities and keys against the drain without, the claim's cost, aging."""
+        from bench import priorities  # noqa: PLC0415
+
+        return priorities.run(self.url, self.logs, rows=self.sizes.long_rows,
+                              quick=self.sizes.long_rows < FULL.long_rows)
+
     def long(self) -> dict[str, Any]:
         missing = self.available("amqp")
         if missing:
@@ -771,6 +779,54 @@ def table(results: dict[str, Any]) -> list[str]:
         from bench import gateway  # noqa: PLC0415
 
         rows.extend(gateway.table_rows(results["gateway"]))
+    rows.extend(priority_rows(results.get("priorities", {})))
+    return rows
+
+
+def priority_rows(block: dict[str, Any]) -> list[str]:
+    """Issue 11's rows (bench/priorities.py)."""
+    rows = []
+    for broker in ("amqp", "redis"):
+        value = block.get(f"otp_{broker}")
+        if not value:
+            continue
+        if "own_route_p50_ms" not in value or value["own_route_p50_ms"] is None:
+            rows.append(f"| 7 | OTP behind a bulk backlog, {broker} | not run: "
+                        f"{value.get('error', 'no OTP arrived')} | | | | |")
+            continue
+        ok = value["own_route_p50_ms"] < 10 and value["own_route_p99_ms"] < 50
+        rows.append(
+            f"| 7 | OTP committed while {value['bulk_rows']:,} bulk rows drain, {broker}: "
+            f"commit → subscriber ({value['otps']} OTPs on their route) | "
+            f"p50 {value['own_route_p50_ms']:.1f} ms, p99 {value['own_route_p99_ms']:.1f} ms | "
+            f"{value['backlog_when_the_last_otp_came']:,} bulk rows still pending after the "
+            f"last | | p50 < 10 ms, p99 < 50 ms | {verdict(ok)} |")
+        rows.append(
+            f"| 7 | the same, OTPs on the bulk route itself: commit → claimed | "
+            f"p50 {value['same_route_to_claim_p50_ms']:.1f} ms, "
+            f"p99 {value['same_route_to_claim_p99_ms']:.1f} ms | | | | — |")
+    keys = block.get("drain_keys")
+    if keys and "ratio" in keys:
+        rows.append(
+            f"| 7 | drain with priorities and 10% of rows keyed, redis, {keys['rows']:,} rows | "
+            f"{fmt_rate(keys['keyed'])} | the same rows without them {fmt_rate(keys['plain'])} | "
+            f"{keys['ratio']:.2f}x | ≥ 0.95x | {verdict(keys['ratio'] >= 0.95)} |")
+    explain = block.get("explain")
+    if explain and "locked" in explain:
+        for mode in ("locked", "leased"):
+            value = explain[mode]
+            rows.append(
+                f"| 7 | claim of {value['limit']:,} ({mode}) from {explain['rows']:,} pending "
+                f"rows, 10% keyed: EXPLAIN ANALYZE | {value['execution_ms']:.1f} ms, "
+                f"{value['buffers']:,} buffers | | | | — |")
+    aging = block.get("aging")
+    if aging and aging.get("max_wait_seconds") is not None:
+        rows.append(
+            f"| 7 | aging: the oldest of 100 bulk rows (priority 5) under urgent rows at the "
+            f"relay's full rate (~{aging['relay_rate']:,.0f}/s), aging "
+            f"{aging['aging_seconds_per_level']:.0f}s per level | waited at most "
+            f"{aging['max_wait_seconds']:.1f}s | bound: 5 levels x aging = "
+            f"{aging['bound_seconds']:.0f}s plus the urgent backlog ahead | | | — |")
     return rows
 
 

@@ -23,7 +23,6 @@ stops extending them, and its rows become due again for any relay within
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import socket
@@ -34,7 +33,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Protocol
 
-import orjson
 import psycopg
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_random_exponential
 
@@ -55,6 +53,7 @@ from outbox.limits import ReceiverLimiter, buckets_for
 from outbox.logs import debug_enabled, get_logger, redact
 from outbox.retry import Expire, Fail, Retry, RetryPolicy, decide
 from outbox.scheduling import (
+    CHUNK_BUDGET,
     Pace,
     backoff_after_outage,
     chunk_size,
@@ -67,6 +66,7 @@ from outbox.scheduling import (
 from outbox.settings import Settings, is_pool, pool_members, route_names
 from outbox.store import (
     CHANNEL,
+    LOWEST_PRIORITY,
     Bucket,
     ClaimedRow,
     ClaimRequest,
@@ -76,6 +76,7 @@ from outbox.store import (
     Rescheduled,
     Store,
     StoreTransaction,
+    Undecodable,
 )
 from outbox.transports import Envelope, OtpMode, Transport, open_target
 
@@ -234,6 +235,10 @@ class _Planned(NamedTuple):
     expires_at: float | None
     #: per transport name: (wire command, wire data)
     wires: tuple[tuple[str, str, Mapping[str, Any]], ...]
+    #: the envelopes built when it was planned, one per wire (``date_time`` = then)
+    envelopes: tuple[Envelope, ...]
+    #: when those bodies were encoded (the relay's clock)
+    encoded_at: float
 
 
 class _Expired(Outcome):
@@ -266,8 +271,11 @@ class Relay:
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         stopping: Callable[[], bool] = lambda: False,
+        max_priority: int = LOWEST_PRIORITY,
     ) -> None:
+        """``max_priority`` below 9: an express worker, which claims only rows that urgent."""
         self.store = store
+        self.max_priority = max_priority
         self.transports = transports
         self.settings = settings
         self.lane = lane or _single_lane(settings, transports)
@@ -304,6 +312,18 @@ class Relay:
             self._routes[command, row_route] = route
         return route
 
+    def drain(self, *, max_turns: int = 10_000) -> BatchReport:
+        """Turns until a claim finds nothing due: what ``outbox run`` does between two
+        NOTIFYs, for tests and scripts. The report adds up the turns."""
+        total = BatchReport()
+        for _ in range(max_turns):
+            report = self.process_batch()
+            if not report.claimed:
+                break
+            total.claimed += report.claimed
+            total.add(report)
+        return total
+
     def process_batch(self) -> BatchReport:
         limit = claim_size(self.pace, claim_timeout=self.settings.claim_timeout,
                            batch_size=self.settings.batch_size)
@@ -315,7 +335,7 @@ class Relay:
         claim = self.rng.getrandbits(63) or 1
         request = ClaimRequest(keys=self.lane.key_list(), limit=limit,
                                lease=self.settings.claim_timeout, owner=self.owner, claim=claim,
-                               aging=self.settings.priority_aging)
+                               aging=self.settings.priority_aging, max_priority=self.max_priority)
         started = self.monotonic()
         with self.store.transaction() as tx:
             if buckets:
@@ -391,7 +411,7 @@ class Relay:
         rows' locks while they are published and records them; no lease is written."""
         request = ClaimRequest(keys=self.lane.key_list(), limit=limit,
                                lease=self.settings.claim_timeout, owner=self.owner, claim=0,
-                               aging=self.settings.priority_aging)
+                               aging=self.settings.priority_aging, max_priority=self.max_priority)
         with self.store.transaction() as tx:
             rows = tx.claim_locked(request)
             if not rows:
@@ -400,7 +420,8 @@ class Relay:
             planned, report = self._plan(tx, rows, self.clock(), None)
             if planned and not self.stopping():  # stopping: the commit lets the rows go as they were
                 started = time.perf_counter()
-                chunk_report, down, not_tried = self._publish_chunk(planned, None, tx=tx)
+                chunk_report, down, not_tried = self._publish_chunk(
+                    planned, None, tx=tx, prebuilt=_envelopes(planned))
                 self.pace.observe(len(planned) - len(not_tried), time.perf_counter() - started)
                 report.add(chunk_report)
                 self.outage = self.outage + 1 if down else 0
@@ -434,7 +455,7 @@ class Relay:
                 failed.extend(Outcome(row_id, reason, attempted=0)
                               for row_id, reason in refused.items())
                 planned = [p for p in planned if p.row.id not in refused]
-        commands = {row.id: row.command for row in rows}
+        commands = {row.id: row.command for row in rows} if failed or expired else {}
         for outcome in failed:
             metrics.MESSAGES.labels(commands.get(outcome.id, "unknown"), "none", "failed").inc()
             log.error("message.failed", id=outcome.id, command=commands.get(outcome.id),
@@ -449,11 +470,8 @@ class Relay:
     def _plan_row(self, tx: StoreTransaction, row: ClaimedRow,  # noqa: PLR0911 - one per rule
                   now: float) -> _Planned | Outcome:
         data = row.data
-        if isinstance(data, str):
-            try:
-                data = decode_data(data)
-            except ValueError as exc:
-                return Outcome(row.id, f"invalid command: data cannot be decoded ({exc})", 0)
+        if type(data) is Undecodable:
+            return Outcome(row.id, f"invalid command: data cannot be decoded ({data.reason})", 0)
         try:
             command = validate(row.command, data)
         except InvalidCommand as exc:
@@ -467,26 +485,36 @@ class Relay:
         if route.problem is not None:
             return Outcome(row.id, route.problem, attempted=0)
         try:
-            wires = tuple(self._wire(tx, row, command, data, name, expires_at)
-                          for name in route.names)
-            for name, wire_command, wire_data in wires:  # refuse what cannot be encoded now
-                self._encode(row, name, wire_command, wire_data, now, expires_at)
+            # encoded now: what cannot be encoded fails here, and a claim published within
+            # a second (a broker's) sends these very bytes
+            if len(route.names) == 1:  # the usual row, without the generic loops
+                wire = self._wire(tx, row, command, data, route.names[0], expires_at)
+                wires: tuple[tuple[str, str, Mapping[str, Any]], ...] = (wire,)
+                envelopes: tuple[Envelope, ...] = (Envelope(
+                    row.id, wire[1], self._encode(row, *wire, now, expires_at), row.attempts + 1),)
+            else:
+                wires = tuple(self._wire(tx, row, command, data, name, expires_at)
+                              for name in route.names)
+                envelopes = tuple(Envelope(row.id, wire[1], self._encode(row, *wire, now, expires_at),
+                                           row.attempts + 1) for wire in wires)
         except InvalidCommand as exc:
             return Outcome(row.id, exc.message, attempted=0)
         except (TypeError, ValueError, OverflowError) as exc:
             return Outcome(row.id, f"invalid command: data cannot be encoded ({type(exc).__name__})",
                            attempted=0)
-        return _Planned(row, command, data, route.label, expires_at, wires)
+        return _Planned(row, command, data, route.label, expires_at, wires, envelopes, now)
 
     def _wire(self, tx: StoreTransaction, row: ClaimedRow, command: str, data: Any, name: str,
               expires_at: float | None) -> tuple[str, str, Mapping[str, Any]]:
+        if command != CREATE_OTP:
+            return name, command, data
         transport = self.transports[name]
-        if command == CREATE_OTP and is_pool(name) and transport.options.otp_mode is OtpMode.DEVICE:
+        if is_pool(name) and transport.options.otp_mode is OtpMode.DEVICE:
             raise InvalidCommand(
                 "otp_device_pool",
                 f"pool {name!r} cannot keep device-mode OTPs (the code would live on whichever "
                 "device served); set otp=managed on its members")
-        if command == CREATE_OTP and transport.options.otp_mode is OtpMode.MANAGED:
+        if transport.options.otp_mode is OtpMode.MANAGED:
             if self.otp is None:
                 raise InvalidCommand(
                     "otp_not_configured",
@@ -551,26 +579,29 @@ class Relay:
         return report
 
     def _publish_chunk(self, chunk: list[_Planned], claim: int | None, *,
-                       tx: StoreTransaction | None = None
+                       tx: StoreTransaction | None = None,
+                       prebuilt: dict[str, list[Envelope]] | None = None,
                        ) -> tuple[BatchReport, bool, list[ClaimedRow]]:
-        """Publish one chunk and record it; (report, transport down, rows handed back)."""
+        """Publish one chunk and record it; (report, transport down, rows handed back).
+        ``prebuilt``: the envelopes of a chunk published the moment it was planned."""
         now = self.clock()
         expired: list[Outcome] = []
-        live: list[_Planned] = []
-        for planned in chunk:
-            if planned.expires_at is not None and not planned.expires_at > now:
-                expired.append(Outcome(planned.row.id, "expired before it could be published", 0))
-            else:
-                live.append(planned)
-        by_transport: dict[str, list[Envelope]] = {}
-        bodies: dict[int, list[bytes]] = {}
-        for planned in live:
+        live: list[_Planned] = chunk if prebuilt is not None else []
+        by_transport: dict[str, list[Envelope]] = prebuilt if prebuilt is not None else {}
+        for planned in chunk if prebuilt is None else ():
             row = planned.row
-            for name, command, data in planned.wires:
-                body = self._encode(row, name, command, data, now, planned.expires_at)
-                by_transport.setdefault(name, []).append(
-                    Envelope(row.id, command, body, attempt=row.attempts + 1))
-                bodies.setdefault(row.id, []).append(body)
+            if planned.expires_at is not None and not planned.expires_at > now:
+                expired.append(Outcome(row.id, "expired before it could be published", 0))
+                continue
+            live.append(planned)
+            # A body encoded more than a chunk ago gets a fresh date_time: a device allows
+            # an SMS only so long after it (30 s by default)
+            fresh = now - planned.encoded_at <= CHUNK_BUDGET
+            for wire, envelope in zip(planned.wires, planned.envelopes, strict=True):
+                if not fresh:
+                    envelope = envelope._replace(  # noqa: PLW2901 - a fresh copy of it
+                        body=self._encode(row, *wire, now, planned.expires_at))
+                by_transport.setdefault(wire[0], []).append(envelope)
         errors: dict[int, list[PublishError]] = {}
         down = False
         recovered = False
@@ -590,8 +621,8 @@ class Relay:
                 errors.setdefault(message_id, []).append(error)
         not_tried = [p.row for p in live
                      if (row_errors := errors.get(p.row.id))
-                     and all(isinstance(e, NotTried) for e in row_errors)]
-        report = self._record(live, errors, bodies, expired, not_tried, claim,
+                     and all(isinstance(e, NotTried) for e in row_errors)] if errors else []
+        report = self._record(live, errors, by_transport, expired, not_tried, claim,
                               recovered=recovered, tx=tx, served=served)
         return report, down, not_tried
 
@@ -628,7 +659,7 @@ class Relay:
     # -- recording -----------------------------------------------------------------------
 
     def _record(self, live: list[_Planned], errors: dict[int, list[PublishError]],
-                bodies: dict[int, list[bytes]], expired: list[Outcome],
+                sent_as: dict[str, list[Envelope]], expired: list[Outcome],
                 not_tried: list[ClaimedRow], claim: int | None, *, recovered: bool,
                 tx: StoreTransaction | None = None,
                 served: Mapping[int, str] | None = None) -> BatchReport:
@@ -655,7 +686,9 @@ class Relay:
             error = next((e for e in row_errors if not e.transient), row_errors[0])
             decision = decide(self.policy, error, attempts=row.attempts + 1, now=now,
                               expires_at=planned.expires_at, rng=self.rng)
-            reason = redact(decision.reason, planned.data, *bodies.get(row.id, ()))
+            reason = redact(decision.reason, planned.data,
+                            *(e.body for envelopes in sent_as.values() for e in envelopes
+                              if e.id == row.id))
             if isinstance(decision, Retry):
                 retries.append(Rescheduled(row.id, decision.at, reason))
                 outcomes[command, route, "retry_scheduled"] += 1
@@ -719,28 +752,24 @@ class Relay:
         log.info("transport.recovered", route=self.lane.label, retries_released=released)
 
 
+def _envelopes(planned: Sequence[_Planned]) -> dict[str, list[Envelope]]:
+    """The envelopes of rows published the moment they were planned, by transport."""
+    names = {item.wires[0][0] for item in planned}
+    if len(names) == 1 and all(len(item.wires) == 1 for item in planned):  # one transport
+        return {names.pop(): [item.envelopes[0] for item in planned]}
+    by_transport: dict[str, list[Envelope]] = {}
+    for item in planned:
+        for wire, envelope in zip(item.wires, item.envelopes, strict=True):
+            by_transport.setdefault(wire[0], []).append(envelope)
+    return by_transport
+
+
 def _transport_down(errors: list[PublishError], *, raised: bool) -> bool:
     """Whether a chunk that failed as a whole says the transport itself is down (rather than
     each message having its own transient trouble, like a device's 1101 for one row)."""
     if not all(error.transient for error in errors):
         return False
     return raised or len(errors) > 1 or all(isinstance(e, Unreachable) for e in errors)
-
-
-def decode_data(text: str) -> Any:
-    """A row's jsonb text as Python values. orjson first (fast); the standard library for
-    what orjson refuses (integers beyond 64 bits); ValueError naming the problem when
-    neither can (nesting deeper than Python's recursion allows)."""
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        pass
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
-    except ValueError as exc:
-        raise ValueError(str(exc).split(":")[0]) from None
 
 
 def relay_identity() -> str:
@@ -842,10 +871,17 @@ class RelayService:
         log.info("relay.stopped")
 
     def _start_lane(self, lane: Lane, stop: threading.Event) -> None:
-        for index in range(self.settings.workers):
+        """``workers`` threads for every row of the lane, and one express thread for the
+        urgent ones: an OTP never waits for a bulk claim in flight (a device's request,
+        or a broker's batch) to finish before it is claimed."""
+        workers = [(f"outbox-{lane.label}-{index}", LOWEST_PRIORITY)
+                   for index in range(self.settings.workers)]
+        if self.settings.express_priority >= 0:
+            workers.append((f"outbox-{lane.label}-express", self.settings.express_priority))
+        for name, max_priority in workers:
             wake = threading.Event()
-            name = f"outbox-{lane.label}-{index}"
-            thread = threading.Thread(target=self._work, args=(stop, wake, lane, name), name=name)
+            thread = threading.Thread(target=self._work,
+                                      args=(stop, wake, lane, name, max_priority), name=name)
             with self._lock:
                 self._wake_events.append(wake)
                 self._threads.append(thread)
@@ -892,14 +928,16 @@ class RelayService:
             try:
                 if store is None:
                     store = PostgresStore(self._connect_once(autocommit=False))
-                store.extend_leases(claims, self.settings.claim_timeout)
+                held = store.extend_leases(claims, self.settings.claim_timeout)
             except (DatabaseUnavailable, psycopg.Error) as exc:
                 log.warning("lease.extend_failed", claims=len(claims), error=type(exc).__name__)
                 if store is not None:
                     _close_quietly(store)
                 store = None
                 continue
-            self.leases.renewed(claims, started + self.settings.claim_timeout)
+            # a claim that held nothing any more was taken over (or is fully recorded): its
+            # deadline stays, and the worker hands nothing more of it to the transport
+            self.leases.renewed(held, started + self.settings.claim_timeout)
         if store is not None:
             _close_quietly(store)
 
@@ -934,13 +972,14 @@ class RelayService:
 
     # -- one worker ----------------------------------------------------------------------
 
-    def _work(self, stop: threading.Event, wake: threading.Event, lane: Lane, worker: str) -> None:
+    def _work(self, stop: threading.Event, wake: threading.Event, lane: Lane, worker: str,
+              max_priority: int = LOWEST_PRIORITY) -> None:
         transports = self._open_transports(lane)
         relay: Relay | None = None
         try:
             while not stop.is_set():
                 if relay is None:
-                    relay = self._connect(stop, transports, lane, worker)
+                    relay = self._connect(stop, transports, lane, worker, max_priority)
                     if relay is None:
                         return
                 wake.clear()
@@ -955,7 +994,7 @@ class RelayService:
                         continue
                     if report.full or (report.handed_back and not stop.is_set()):
                         continue
-                    due = relay.store.next_due(lane.key_list())
+                    due = relay.store.next_due(lane.key_list(), max_priority)
                 except psycopg.OperationalError as exc:
                     log.warning("relay.database_lost",
                                 error=str(exc).splitlines()[0] if str(exc) else "")
@@ -995,7 +1034,7 @@ class RelayService:
                        keepalive_timeout=self.settings.claim_timeout / 2)
 
     def _connect(self, stop: threading.Event, transports: Mapping[str, Transport], lane: Lane,
-                 worker: str) -> Relay | None:
+                 worker: str, max_priority: int = LOWEST_PRIORITY) -> Relay | None:
         def before_sleep(state: RetryCallState) -> None:
             # Waiting for the database is not being stuck: /livez stays green (/readyz not).
             self._turned(worker)
@@ -1032,7 +1071,8 @@ class RelayService:
         connection.commit()
         store = PostgresStore(connection, blank_texts=self.settings.blank_terminal_texts)
         return Relay(store, transports, self.settings, lane=lane, owner=self.owner,
-                     leases=self.leases, otp=self.otp, stopping=stop.is_set)
+                     leases=self.leases, otp=self.otp, stopping=stop.is_set,
+                     max_priority=max_priority)
 
 
 def _open_named(settings: Settings, names: Sequence[str]) -> dict[str, Transport]:
@@ -1062,7 +1102,6 @@ __all__ = [
     "Relay",
     "RelayService",
     "configured_lanes",
-    "decode_data",
     "relay_identity",
     "resolve_key",
 ]

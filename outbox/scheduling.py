@@ -2,9 +2,9 @@
 
 * **Claims** (issue 10): how many rows a lane claims, how many it publishes between two checks
   of its lease, and whether its lease still leaves time for the next chunk: a relay must never
-  hold more rows than it can publish before its claim expires, so that the rows behind stay
-  claimable by other relays, and a slow device (a GSM modem needs seconds per SMS) gets a
-  claim of a few rows while a broker gets whole batches.
+  hold more rows than it can publish in a couple of seconds (and never past its claim's
+  expiry), so that the rows behind stay claimable by other relays, and a slow device (a GSM
+  modem needs seconds per SMS) gets a claim of a row or two while a broker gets whole batches.
 * **Rates** (``rate=10/m`` on a transport URL, ``OUTBOX_RECEIVER_LIMIT=3/10m``): parsing.
 * **Token buckets** (a transport's rate limit): how many tokens a claim gets and when the
   next one is due. The same arithmetic runs inside Postgres (``TAKE_TOKENS`` in
@@ -22,8 +22,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-#: share of the claim timeout a claim's work may take, by the lane's observed pace
+#: share of the claim timeout a claim's work may take, by the lane's observed pace ...
 CLAIM_BUDGET = 0.5
+#: ... and at most this many seconds of it: a relay that freezes or dies strands no more
+#: than that, and a relay that takes over is never more than that from its next claim
+MAX_CLAIM_SECONDS = 2.0
 #: seconds of publishing between two lease checks (and two records)
 CHUNK_BUDGET = 1.0
 #: weight of the newest observation in the pace estimate
@@ -49,15 +52,20 @@ class Pace:
             self.seconds_per_row += weight * (sample - self.seconds_per_row)
 
 
+def claim_budget(claim_timeout: float) -> float:
+    """Seconds of publishing one claim may hold."""
+    return min(claim_timeout * CLAIM_BUDGET, MAX_CLAIM_SECONDS)
+
+
 def claim_size(pace: Pace, *, claim_timeout: float, batch_size: int) -> int:
-    """Rows to claim: what the lane publishes in ``CLAIM_BUDGET`` of the claim timeout at its
-    observed pace, between 1 and ``batch_size``. An unobserved lane claims a whole batch but
-    publishes one row first and hands back what its pace then says it cannot finish."""
+    """Rows to claim: what the lane publishes in ``claim_budget`` at its observed pace,
+    between 1 and ``batch_size``. An unobserved lane claims one row: its pace is learnt
+    before it holds more (a broker pays one small claim at start, a modem holds no batch)."""
     if pace.seconds_per_row is None:
-        return batch_size
+        return 1
     if pace.seconds_per_row <= 0:
         return batch_size
-    return max(1, min(batch_size, int(claim_timeout * CLAIM_BUDGET / pace.seconds_per_row)))
+    return max(1, min(batch_size, int(claim_budget(claim_timeout) / pace.seconds_per_row)))
 
 
 def chunk_size(pace: Pace, *, remaining: int) -> int:
@@ -278,6 +286,7 @@ def within_limit(limit: int, sent_recently: dict[bytes, int],
 __all__ = [
     "CHUNK_BUDGET",
     "CLAIM_BUDGET",
+    "MAX_CLAIM_SECONDS",
     "Grant",
     "MemberState",
     "Pace",
@@ -286,6 +295,7 @@ __all__ = [
     "backoff_after_outage",
     "batch_failed_as_a_whole",
     "chunk_size",
+    "claim_budget",
     "claim_size",
     "default_burst",
     "delivered",

@@ -77,6 +77,9 @@ class Settings:
     priorities: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_PRIORITIES))
     #: seconds of waiting worth one priority level (aging)
     priority_aging: float = 60.0
+    #: rows this urgent or more (create-otp: 0) have a worker of their own in every lane;
+    #: -1: no express workers
+    express_priority: int = 1
 
     max_attempts: int = 12
     backoff_base: float = 1.0
@@ -167,6 +170,8 @@ class Settings:
     def _validate_claims(self) -> None:
         if not 1.0 <= self.claim_timeout <= 86400.0:
             raise ConfigurationError("claim_timeout must be a duration from 1s to 1d (e.g. 30s)")
+        if not -1 <= self.express_priority <= 9:
+            raise ConfigurationError("express_priority must be from 0 to 9, or -1 for none")
         if not 0 <= self.priority_aging <= 365 * 86400.0:
             raise ConfigurationError("priority_aging must be a duration (e.g. 60s; 0: no aging)")
         for command, priority in self.priorities.items():

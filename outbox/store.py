@@ -41,13 +41,15 @@ published again (at-least-once). The row id on the wire lets consumers drop the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import json
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+import orjson
 import psycopg
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Jsonb, set_json_loads
 
 CHANNEL = "outbox_message"
 
@@ -59,7 +61,7 @@ WITH picked AS (
     SELECT c.id, c.available_at AS was_available_at,
            extract(epoch FROM c.available_at) + c.priority * %(aging)s::float8 AS rank
     FROM unnest(%(keys)s::text[]) AS k(key)
-    CROSS JOIN generate_series(0, 9) AS p(priority)
+    CROSS JOIN generate_series(0, %(max_priority)s::int) AS p(priority)
     CROSS JOIN LATERAL (
         SELECT m.id, m.available_at, m.priority
         FROM outbox.message AS m
@@ -83,7 +85,7 @@ WITH picked AS (
     -- the id list as well as the join: the primary key finds the rows however the planner
     -- sizes the table (on a small one it would rather scan it whole)
     WHERE m.id = picked.id AND m.id = ANY(ARRAY(SELECT id FROM picked))
-    RETURNING m.id, m.command, m.data::text AS data, m.route, m.attempts,
+    RETURNING m.id, m.command, m.data, m.route, m.attempts,
               extract(epoch FROM m.created_at)::float8 AS created_at,
               extract(epoch FROM m.expires_at)::float8 AS expires_at,
               extract(epoch FROM picked.was_available_at)::float8 AS was_available_at,
@@ -100,12 +102,12 @@ ORDER BY rank, id
 # relay's locks go with its session, ended by idle_in_transaction_session_timeout (set to
 # the claim timeout on relay sessions). Same lanes, rank and ordering keys as CLAIM.
 CLAIM_LOCKED = """
-SELECT c.id, c.command, c.data::text, c.route, c.attempts,
+SELECT c.id, c.command, c.data, c.route, c.attempts,
        extract(epoch FROM c.created_at)::float8,
        extract(epoch FROM c.expires_at)::float8,
-       extract(epoch FROM c.available_at)::float8
+       0::float8  -- a locked row is never handed back: it stays where it is
 FROM unnest(%(keys)s::text[]) AS k(key)
-CROSS JOIN generate_series(0, 9) AS p(priority)
+CROSS JOIN generate_series(0, %(max_priority)s::int) AS p(priority)
 CROSS JOIN LATERAL (
     SELECT m.id, m.command, m.data, m.route, m.attempts, m.created_at, m.expires_at,
            m.available_at, m.priority
@@ -141,7 +143,7 @@ SELECT key FROM k WHERE key IS NOT NULL
 NEXT_DUE = """
 SELECT extract(epoch FROM min(c.available_at) - now())::float8
 FROM unnest(%(keys)s::text[]) AS k(key)
-CROSS JOIN generate_series(0, 9) AS p(priority)
+CROSS JOIN generate_series(0, %(max_priority)s::int) AS p(priority)
 CROSS JOIN LATERAL (
     SELECT m.available_at FROM outbox.message AS m
     WHERE m.state = 'pending' AND outbox.lane_key(m.route, m.command) = k.key
@@ -150,9 +152,19 @@ CROSS JOIN LATERAL (
     LIMIT 1) AS c
 """
 
+# Returns the claims that still hold rows: a claim another relay took over (its lease ran
+# out while this one was frozen or cut off) is not extended, and must not be trusted again.
 EXTEND_LEASES = """
 UPDATE outbox.message SET available_at = now() + %(lease)s * interval '1 second'
 WHERE claim = ANY(%(claims)s) AND state = 'pending'
+RETURNING claim
+"""
+
+# Rows of a locked claim carry no lease: the statement of a plain queue.
+MARK_SENT_LOCKED = """
+UPDATE outbox.message
+SET state = 'sent', sent_at = now(), attempts = attempts + 1, last_error = NULL
+WHERE id = ANY(%s)
 """
 
 # ``served_by``: the failover pool member that delivered these rows (NULL outside pools);
@@ -408,14 +420,37 @@ UPDATE outbox.otp SET attempts = attempts + 1 WHERE reference = %s RETURNING att
 """
 
 
+class Undecodable(NamedTuple):
+    """A claimed row's ``data`` that no JSON decoder here can read (the relay fails the row,
+    naming ``reason``, instead of the whole claim)."""
+
+    reason: str
+
+
+def tolerant_json_loads(raw: bytes | bytearray | memoryview | str) -> Any:
+    """Decode a jsonb value: orjson first (fast), then the standard library for what orjson
+    refuses (integers beyond 64 bits), else an ``Undecodable``: a value Postgres stored but
+    Python cannot read (nesting deeper than its recursion allows) must fail its own row."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    text = raw if isinstance(raw, str) else bytes(raw).decode("utf-8", errors="replace")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        return Undecodable("nested too deeply")
+    except ValueError as exc:
+        return Undecodable(str(exc).split(":")[0])
+
+
 class ClaimedRow(NamedTuple):
     """One claimed row. A NamedTuple, not a dataclass: it is built for every row the relay
     claims, and a tuple builds four times faster (1.05 µs against 0.24 µs per row)."""
 
     id: int
     command: str
-    #: the row's jsonb as text: the relay decodes each row on its own, so that one value
-    #: its decoder refuses fails that row only (the in-memory store passes objects)
+    #: the row's data, decoded by ``tolerant_json_loads``: an ``Undecodable`` fails that row
     data: Any
     route: str | None
     #: attempts made before this one
@@ -441,6 +476,8 @@ class ClaimRequest:
     claim: int
     #: seconds of waiting worth one priority level
     aging: float
+    #: claim only rows this urgent or more (an express worker's claim)
+    max_priority: int = LOWEST_PRIORITY
 
 
 @dataclass(frozen=True, slots=True)
@@ -553,12 +590,13 @@ class Store(Protocol):
     def transaction(self) -> Any:
         """A context manager yielding a ``StoreTransaction``; commits on success."""
 
-    def next_due(self, keys: Sequence[str]) -> float | None:
-        """Seconds until the earliest pending row of these lane keys is due (<= 0: now);
-        None when none is pending."""
+    def next_due(self, keys: Sequence[str], max_priority: int = LOWEST_PRIORITY) -> float | None:
+        """Seconds until the earliest pending row of these lane keys (and at least this
+        urgent) is due (<= 0: now); None when none is pending."""
 
-    def extend_leases(self, claims: Sequence[int], lease: float) -> int:
-        """Push the leases of these claims ``lease`` seconds ahead; return the rows extended."""
+    def extend_leases(self, claims: Sequence[int], lease: float) -> set[int]:
+        """Push the leases of these claims ``lease`` seconds ahead; return the claims that
+        still held rows."""
 
     def pending_lane_keys(self) -> list[str]:
         """The distinct lane keys of pending rows."""
@@ -572,20 +610,37 @@ class PostgresTransaction:
         self._blank_texts = blank_texts
 
     def claim(self, request: ClaimRequest) -> list[ClaimedRow]:
-        self._cursor.execute(CLAIM, {
-            "keys": list(request.keys), "limit": request.limit, "lease": request.lease,
-            "owner": request.owner, "claim": request.claim, "aging": request.aging})
-        return list(map(ClaimedRow._make, self._cursor.fetchall()))
+        # a slow lane's claim: decode every row on its own (an Undecodable fails that row)
+        with self._cursor.connection.cursor() as cursor:
+            set_json_loads(tolerant_json_loads, cursor)
+            cursor.execute(CLAIM, {
+                "keys": list(request.keys), "limit": request.limit, "lease": request.lease,
+                "owner": request.owner, "claim": request.claim, "aging": request.aging,
+                "max_priority": request.max_priority})
+            return list(map(ClaimedRow._make, cursor.fetchall()))
 
     def claim_locked(self, request: ClaimRequest) -> list[ClaimedRow]:
-        self._cursor.execute(CLAIM_LOCKED, {"keys": list(request.keys), "limit": request.limit,
-                                            "aging": request.aging})
-        return list(map(ClaimedRow._make, self._cursor.fetchall()))
+        params = {"keys": list(request.keys), "limit": request.limit, "aging": request.aging,
+                  "max_priority": request.max_priority}
+        self._cursor.execute(CLAIM_LOCKED, params)
+        try:
+            # the broker's hot path: orjson straight from the driver, no Python per value
+            return list(map(ClaimedRow._make, self._cursor.fetchall()))
+        except ValueError:
+            pass
+        # A value in the batch that orjson refuses: the same claim again (this transaction
+        # holds those rows' locks, so the same rows come back), decoded row by row.
+        with self._cursor.connection.cursor() as cursor:
+            set_json_loads(tolerant_json_loads, cursor)
+            cursor.execute(CLAIM_LOCKED, params)
+            return list(map(ClaimedRow._make, cursor.fetchall()))
 
     def mark_sent(self, ids: Sequence[int], claim: int | None, *,
                   served_by: str | None = None) -> None:
         """``served_by``: the pool member that delivered them (None outside pools)."""
-        if ids:
+        if ids and claim is None and served_by is None and not self._blank_texts:
+            self._cursor.execute(MARK_SENT_LOCKED, (list(ids),))
+        elif ids:
             self._cursor.execute(MARK_SENT_BLANKING_TEXTS if self._blank_texts else MARK_SENT,
                                  (served_by, list(ids), claim))
 
@@ -695,22 +750,27 @@ class PostgresStore:
     def __init__(self, connection: psycopg.Connection[Any], *, blank_texts: bool = False) -> None:
         self.connection = connection
         self._blank_texts = blank_texts
+        # Every claimed row's jsonb is decoded: orjson does it ~6x faster than json.loads.
+        # Set on this connection only: the application's own psycopg use keeps its
+        # configuration. A value orjson refuses is decoded again, row by row (claim_locked).
+        set_json_loads(orjson.loads, connection)
 
     @contextmanager
     def transaction(self) -> Iterator[PostgresTransaction]:
         with self.connection.transaction():
             yield PostgresTransaction(self.connection, blank_texts=self._blank_texts)
 
-    def next_due(self, keys: Sequence[str]) -> float | None:
+    def next_due(self, keys: Sequence[str], max_priority: int = LOWEST_PRIORITY) -> float | None:
         with self.connection.transaction():
-            row = self.connection.execute(NEXT_DUE, {"keys": list(keys)}).fetchone()
+            row = self.connection.execute(NEXT_DUE, {"keys": list(keys),
+                                                     "max_priority": max_priority}).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
-    def extend_leases(self, claims: Sequence[int], lease: float) -> int:
+    def extend_leases(self, claims: Sequence[int], lease: float) -> set[int]:
         with self.connection.transaction():
             cursor = self.connection.execute(EXTEND_LEASES, {"claims": list(claims),
                                                              "lease": lease})
-        return cursor.rowcount
+            return {int(row[0]) for row in cursor.fetchall()}
 
     def pending_lane_keys(self) -> list[str]:
         with self.connection.transaction():
@@ -833,6 +893,7 @@ __all__ = [
     "Store",
     "StoreTransaction",
     "StoredOtp",
+    "Undecodable",
     "apply_default_priorities",
     "find_message_by_dedup_key",
     "insert_message",
@@ -840,4 +901,5 @@ __all__ = [
     "otp_reference_is_live",
     "read_accepted",
     "read_accepted_many",
+    "tolerant_json_loads",
 ]

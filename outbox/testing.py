@@ -8,7 +8,6 @@ tests drive the relay loop with both.
 from __future__ import annotations
 
 import itertools
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -171,19 +170,20 @@ class MemoryStore:
                 self.rows, self.otps = snapshot, otps
                 raise
 
-    def next_due(self, keys: Sequence[str]) -> float | None:
+    def next_due(self, keys: Sequence[str], max_priority: int = 9) -> float | None:
         wanted = set(keys)
         pending = [row.available_at for row in self.rows.values()
-                   if row.state == "pending" and lane_key(row.route, row.command) in wanted]
+                   if row.state == "pending" and row.priority <= max_priority
+                   and lane_key(row.route, row.command) in wanted]
         return min(pending) - self.clock() if pending else None
 
-    def extend_leases(self, claims: Sequence[int], lease: float) -> int:
+    def extend_leases(self, claims: Sequence[int], lease: float) -> set[int]:
         with self._lock:
             rows = [row for row in self.rows.values()
                     if row.state == "pending" and row.claim in set(claims)]
             for row in rows:
                 row.available_at = self.clock() + lease
-            return len(rows)
+            return {row.claim for row in rows if row.claim is not None}
 
     def pending_lane_keys(self) -> list[str]:
         return sorted({lane_key(row.route, row.command) for row in self.rows.values()
@@ -216,12 +216,12 @@ class _MemoryTransaction:
                     first_of_key[row.ordering_key] = row.id
         due = sorted((row for row in pending
                       if row.available_at <= now and row.id not in blocked
+                      and row.priority <= request.max_priority
                       and lane_key(row.route, row.command) in keys),
                      key=lambda row: (row.available_at + row.priority * request.aging, row.id))
         claimed = []
         for row in due[:request.limit]:
-            # as text, like the database's claim: the relay decodes each row on its own
-            claimed.append(ClaimedRow(row.id, row.command, json.dumps(row.data), row.route,
+            claimed.append(ClaimedRow(row.id, row.command, row.data, row.route,
                                       row.attempts, row.created_at, row.expires_at,
                                       row.available_at))
             row.available_at = now + request.lease

@@ -201,7 +201,8 @@ def test_the_claim_reads_the_lane_index(conn: psycopg.Connection[Any], clean_db:
 
     plan = "\n".join(row[0] for row in conn.execute(
         "EXPLAIN " + CLAIM, {"keys": ["@send-sms"], "limit": 10, "lease": 30.0,
-                             "owner": "x", "claim": 1, "aging": 60.0}))
+                             "owner": "x", "claim": 1, "aging": 60.0,
+                             "max_priority": 9}))
     assert "message_claim" in plan
     assert "Seq Scan on message" not in plan
 
@@ -291,10 +292,12 @@ def test_a_stop_hands_back_what_was_claimed_and_not_tried(
         report = relay.process_batch()
     finally:
         store.close()
-    assert report.sent >= 1 and report.sent + report.handed_back == 10
+    # a claim of a 0.3 s device holds about two seconds of work: 6 rows, not all 10
+    assert report.claimed < 10
+    assert report.sent >= 1 and report.sent + report.handed_back == report.claimed
     rows = conn.execute("SELECT id, state, attempts, available_at, claim FROM outbox.message "
                         "WHERE state = 'pending' ORDER BY id").fetchall()
-    assert len(rows) == report.handed_back
+    assert len(rows) == 10 - report.sent
     for row_id, _, attempts, available_at, claim in rows:
         assert (attempts, claim) == (0, None)
         assert available_at == before[row_id]  # its place in the queue, kept
@@ -313,11 +316,12 @@ def test_a_transport_that_stops_answering_keeps_the_untried_rows_in_place(
     ids = [insert(conn, "send-sms", sms(n)) for n in range(5)]
     store = PostgresStore(psycopg.connect(clean_db))
     relay = Relay(store, {"default": Down()}, Settings(transports={"default": "memory://"}))
+    relay.pace.observe(1, 0.6)  # a device at 0.6 s per request: claims of 3 rows
     try:
         report = relay.process_batch()
     finally:
         store.close()
-    assert (report.retried, report.handed_back) == (1, 4)
+    assert (report.claimed, report.retried, report.handed_back) == (3, 1, 2)
     attempts = dict(conn.execute("SELECT id, attempts FROM outbox.message").fetchall())
     assert attempts == {ids[0]: 1, **dict.fromkeys(ids[1:], 0)}
 
@@ -394,7 +398,7 @@ def test_a_frozen_relay_strands_nothing(conn: psycopg.Connection[Any], clean_db:
     received = [int(r.json()["data"]["id"]) for r in otp_pi.requests if r.body]
     assert set(received) == set(ids)
     duplicates = len(received) - len(set(received))
-    assert duplicates <= 1
+    assert duplicates <= len(frozen_claim)  # at most the claim it held when it froze
 
 
 @pytest.mark.slow

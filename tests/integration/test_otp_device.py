@@ -56,7 +56,7 @@ def relay_once(settings: Settings, transport: Transport) -> BatchReport:
     assert settings.database_url is not None
     with psycopg.connect(settings.database_url) as connection:
         relay = Relay(PostgresStore(connection), {"default": transport}, settings)
-        return relay.process_batch()
+        return relay.drain()
 
 
 def row(url: str, message_id: int) -> tuple[str, str | None]:

@@ -138,7 +138,7 @@ class Managed:
         with psycopg.connect(self.url) as connection:
             relay = Relay(PostgresStore(connection), {"default": self.transport}, self.settings,
                           otp=ManagedOtp.from_settings(self.settings))
-            return relay.process_batch()
+            return relay.drain()
 
     def receive(self) -> tuple[dict[str, Any], str]:
         payload = self.subscriber.next()

@@ -95,7 +95,7 @@ def test_no_issued_code_in_a_database_dump_or_the_logs(
             relay = Relay(PostgresStore(connection), {"default": memory, "pi": pi}, settings,
                           otp=ManagedOtp.from_settings(settings))
             for _ in range(50):
-                relay.process_batch()
+                relay.drain()
                 pending = connection.execute(
                     "SELECT count(*) FROM outbox.message WHERE state = 'pending'").fetchone()
                 connection.commit()

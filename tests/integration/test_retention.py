@@ -205,7 +205,7 @@ def test_blank_terminal_texts_blanks_sent_and_expired_rows_but_keeps_failed(
     with psycopg.connect(clean_db) as connection:
         store = PostgresStore(connection, blank_texts=True)
         report = Relay(store, {"default": MemoryTransport(fail=fail_one)}, settings,
-                       ).process_batch()
+                       ).drain()
     assert (report.sent, report.failed, report.expired) == (1, 1, 1)
     rows = conn.execute("SELECT state, data FROM outbox.message ORDER BY id").fetchall()
     assert rows == [

@@ -360,7 +360,7 @@ def _relay_bytes(otp_pi: OtpPi, dialect: str, command: str, data: dict[str, Any]
     transport = _open(otp_pi.url(dialect=dialect))
     try:
         report = Relay(store, {"default": transport}, Settings(otp_ttl=300), clock=clock,
-                       rng=random.Random(1)).process_batch()
+                       rng=random.Random(1)).drain()
     finally:
         transport.close()
     assert report.claimed == 1

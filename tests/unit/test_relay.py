@@ -10,6 +10,7 @@ import pytest
 
 from outbox.errors import PermanentPublishError, PublishError, TransientPublishError
 from outbox.relay import UNROUTABLE, Lane, Relay, configured_lanes
+from outbox.scheduling import Pace
 from outbox.settings import Settings
 from outbox.testing import MemoryStore, MemoryTransport
 from outbox.transports.base import Envelope, OtpMode, TransportOptions
@@ -29,6 +30,7 @@ def make(settings: Settings | None = None, **transports: MemoryTransport) -> tup
     store = MemoryStore(clock=clock)
     transports = transports or {"default": MemoryTransport()}
     relay = Relay(store, transports, settings or Settings(), clock=clock, rng=random.Random(3))
+    relay.pace.observe(1, 1e-6)  # a fast transport whose pace is known: whole batches
     return relay, store, clock
 
 
@@ -165,6 +167,8 @@ def test_a_transport_that_raises_for_the_whole_batch_gets_every_row_retried() ->
             raise TransientPublishError("connection reset")
 
     relay, store, clock = make(default=Broken())
+    relay.pace = Pace(0.6)  # a slow device: a leased claim published row by row
+    relay.settings = Settings(claim_timeout=60.0)
     ids = [store.insert("send-sms", sms(n), available_at=clock.now - 10 + n) for n in range(3)]
     report = relay.process_batch()
     # The first row was tried and waits to retry; the others were never offered to the
@@ -174,6 +178,17 @@ def test_a_transport_that_raises_for_the_whole_batch_gets_every_row_retried() ->
     assert [(store.rows[i].attempts, store.rows[i].available_at) for i in ids[1:]] == [
         (0, clock.now - 9), (0, clock.now - 8)]
     assert relay.outage == 1
+
+
+def test_a_broker_batch_that_fails_as_a_whole_is_retried_whole() -> None:
+    class Broken(MemoryTransport):
+        def publish(self, batch: Any) -> Any:
+            raise TransientPublishError("connection reset")
+
+    relay, store, _ = make(default=Broken())  # a fast lane: one locked claim, one batch
+    ids = [store.insert("send-sms", sms(n)) for n in range(3)]
+    assert relay.process_batch().retried == 3
+    assert {store.rows[i].last_error for i in ids} == {"connection reset"}
 
 
 def test_an_unexpected_exception_in_a_transport_is_retried_not_lost() -> None:
