@@ -26,6 +26,7 @@ import contextlib
 import os
 import random
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -88,6 +89,8 @@ RELEASE_BATCH = 10_000
 UNROUTABLE = "(unroutable)"
 #: seconds between two looks for lane keys the relay was not told about
 DISCOVERY_INTERVAL = 2.0
+#: the interpreter's thread switch interval while the relay runs (see RelayService.run)
+SWITCH_INTERVAL = 0.001
 
 
 class OtpIssuer(Protocol):
@@ -828,6 +831,11 @@ class RelayService:
             self._turns[worker] = now
 
     def run(self, stop: threading.Event) -> None:
+        # Workers share one interpreter: a waiting thread gets the GIL back only when the
+        # running one yields it, at the latest after the switch interval (5 ms by default).
+        # An urgent lane's claim, publish and record take a dozen round trips, each waiting
+        # for the GIL behind bulk workers: 1 ms keeps an OTP's path to its broker short.
+        sys.setswitchinterval(SWITCH_INTERVAL)
         self.lanes = configured_lanes(self.settings)
         helpers = [
             threading.Thread(target=self._listen, args=(stop,), name="outbox-listen", daemon=True),

@@ -148,7 +148,7 @@ def test_a_receiver_gets_at_most_its_limit_and_the_rest_fail_naming_it(
     relay = relay_for(clean_db, otp_pi, receiver_limit="2/10m",
                       receiver_limits={"send-email": "off"})
     try:
-        relay.process_batch()
+        relay.drain()
     finally:
         close(relay)
     assert [sent.text for sent in otp_pi.inbox if sent.receiver == limited] == ["m0", "m1"]
