@@ -478,3 +478,18 @@ def test_status_shows_claims_per_relay_priorities_and_held_keys(
     assert shown["claims"]["test:1"]["expired"] == 2
     assert shown["pending_by_priority"] == {"0": 1, "2": 2, "5": 3}
     assert first
+
+
+def test_the_sql_function_takes_a_priority_and_an_ordering_key(
+        conn: psycopg.Connection[Any], clean_db: str) -> None:
+    row = conn.execute(
+        "SELECT outbox.enqueue('send-sms', %s, priority => 1, ordering_key => 'user-1')",
+        (Jsonb(sms(1)),)).fetchone()
+    assert row is not None
+    assert conn.execute("SELECT priority, ordering_key FROM outbox.message WHERE id = %s",
+                        (row[0],)).fetchone() == (1, "user-1")
+    for wrong in (10, -1, 70000):
+        with pytest.raises(psycopg.errors.CheckViolation) as refused:
+            conn.execute("SELECT outbox.enqueue('send-sms', %s, priority => %s)",
+                         (Jsonb(sms(2)), wrong))
+        assert refused.value.diag.constraint_name == "message_priority_range"
