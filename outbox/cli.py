@@ -646,12 +646,27 @@ def _failed_bulk(args: argparse.Namespace, settings: Settings, operation: Callab
                 rows = operation(connection, where, settings=settings, progress=progress)
             finally:
                 progress.finish()
+            from outbox.dashboard import record_action  # noqa: PLC0415
+
+            record_action(connection, actor=_operator_name(), action=args.action, where=where,
+                          rows=rows, source="cli")
     verb = f"would be {done}" if args.dry_run else done
     if args.json:
         print(json.dumps({done: rows, "dry_run": args.dry_run}))
     else:
         print(f"{rows:,} failed row{'' if rows == 1 else 's'} {verb}")
     return EXIT_OK
+
+
+def _operator_name() -> str:
+    """Who runs the command, for the audit trail: the login name, else the uid."""
+    import getpass  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        return f"uid {os.getuid()}"
 
 
 def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:

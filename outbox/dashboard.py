@@ -8,7 +8,8 @@ keys come with the status); every statement reads through a partial index
 (see :mod:`outbox.dashboard_sql`), so the overview stays fast on a table of millions of rows.
 
 Retrying and discarding go through :func:`act`, which calls :mod:`outbox.admin` and records
-who did what to how many rows in ``outbox.audit``. Receivers come out masked, reasons
+who did what to how many rows in ``outbox.audit`` (``outbox failed retry|discard`` records
+there too, through :func:`record_action`). Receivers come out masked, reasons
 scrubbed of personal data; message texts, subjects and OTP codes never leave the database.
 """
 
@@ -301,14 +302,25 @@ def act(connection: psycopg.Connection[Any], settings: Settings, *, actor: str,
         raise ValueError(f"unknown action {action!r} (expected retry or discard)")
     operation = admin.retry_failed if action == "retry" else admin.discard_failed
     changed = operation(connection, where, settings=settings)
+    entry = record_action(connection, actor=actor, action=action, where=where, rows=changed,
+                          source=source)
+    log.info("console.action", action=action, rows=changed, actor=actor, audit_id=entry.id)
+    return entry
+
+
+def record_action(connection: psycopg.Connection[Any], *, actor: str, action: Action,
+                  where: FailedFilter, rows: int, source: str) -> AuditEntry:
+    """Write one action to the audit trail (``outbox failed retry|discard`` does too)."""
+    record = filter_record(where)
     with connection.transaction():
         row = connection.execute(sql.RECORD_ACTION, {
-            "actor": actor, "action": action, "rows": changed,
-            "filter": Jsonb(filter_record(where)), "source": source}).fetchone()
+            "actor": actor, "action": action, "rows": rows, "filter": Jsonb(record),
+            "source": source}).fetchone()
     assert row is not None
-    entry = AuditEntry(int(row[0]), row[1], actor, action, changed, filter_record(where),
-                       source)
-    log.info("console.action", action=action, rows=changed, actor=actor, audit_id=entry.id)
+    entry = AuditEntry(int(row[0]), row[1], actor, action, rows, record, source)
+    # debug: the operation logged its own event (failed.retried, console.action)
+    log.debug("audit.recorded", action=action, rows=rows, actor=actor, source=source,
+              audit_id=entry.id)
     return entry
 
 
@@ -347,4 +359,5 @@ __all__ = [
     "read_overview",
     "read_row",
     "recent_actions",
+    "record_action",
 ]

@@ -8,8 +8,10 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 from tests.acceptance.test_cli import OUTBOX, env_for, outbox
@@ -85,3 +87,23 @@ def test_passwd_reads_stdin_and_the_console_serves_the_roles(clean_db: str,
         console.send_signal(signal.SIGTERM)
         _, errors = console.communicate(timeout=30)
     assert console.returncode == 0, errors
+
+
+def test_failed_retry_and_discard_from_the_cli_are_in_the_audit_trail(
+        clean_db: str, conn: psycopg.Connection[Any]) -> None:
+    for n in range(3):
+        conn.execute("SELECT outbox.enqueue('send-sms', jsonb_build_object("
+                     "'receiver', %s::text, 'message', 'm'))", (f"+4915100000{n}",))
+    conn.execute("UPDATE outbox.message SET state = 'failed', last_error = 'device said 1101'")
+    env = env_for(clean_db)
+    dry = outbox("failed", "retry", "--all", "--dry-run", env=env)
+    assert dry.returncode == 0 and "3 failed rows would be retried" in dry.stdout
+    assert conn.execute("SELECT count(*) FROM outbox.audit").fetchone() == (0,)
+    retried = outbox("failed", "retry", "--id", "1,2", env=env)
+    discarded = outbox("failed", "discard", "--reason", "1101", env=env)
+    assert retried.returncode == discarded.returncode == 0, retried.stderr + discarded.stderr
+    trail = conn.execute("SELECT actor, action, rows, filter, source FROM outbox.audit "
+                         "ORDER BY id").fetchall()
+    assert [(action, rows, record, source) for _, action, rows, record, source in trail] == [
+        ("retry", 2, {"ids": [1, 2]}, "cli"), ("discard", 1, {"reason": "1101"}, "cli")]
+    assert all(actor for actor, *_ in trail)
