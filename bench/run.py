@@ -104,6 +104,8 @@ class Bench:
         self.url = url
         self.logs = logs
         self.results: dict[str, Any] = {}
+        #: sections' details asked for with --only section:detail
+        self.only: dict[str, set[str]] = {}
 
     def log(self, name: str) -> Path:
         return self.logs / f"{name}.log"
@@ -489,8 +491,10 @@ class Bench:
         drain with priorities and keys against the drain without, the claim's cost, aging."""
         from bench import priorities  # noqa: PLC0415
 
+        parts = self.only.get("priorities") or {"otp", "keys", "explain", "aging"}
         return priorities.run(self.url, self.logs, rows=self.sizes.long_rows,
-                              quick=self.sizes.long_rows < FULL.long_rows)
+                              quick=self.sizes.long_rows < FULL.long_rows,
+                              parts=frozenset(parts))
 
     def long(self) -> dict[str, Any]:
         missing = self.available("amqp")
@@ -920,6 +924,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{results['machine']['cores']} cores, {results['machine']['cpu']}")
     with scratch_database() as url:
         bench = Bench(sizes, url, logs)
+        bench.only = only
         for section in SECTIONS:
             if only and section not in only:
                 continue

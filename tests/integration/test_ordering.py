@@ -115,14 +115,20 @@ def test_block_and_unblock_stay_in_order_over_rabbitmq_through_connection_cuts(
     numbers = [f"+62815{n:06d}" for n in range(30)]
     last: dict[str, str] = {}
     committed: dict[str, list[int]] = {number: [] for number in numbers}
-    for round_ in range(6):
-        for number in numbers:
-            command = "block-msisdn" if round_ % 2 == 0 else "unblock-msisdn"
-            row = conn.execute("INSERT INTO outbox.message (command, data) VALUES (%s, %s) "
-                               "RETURNING id", (command, Jsonb({"receiver": number}))).fetchone()
-            assert row is not None
-            committed[number].append(int(row[0]))
-            last[number] = command
+
+    def produce() -> None:  # six rounds, while the broker cuts the relays' connections
+        with psycopg.connect(clean_db, autocommit=True) as producer:
+            for round_ in range(6):
+                for number in numbers:
+                    command = "block-msisdn" if round_ % 2 == 0 else "unblock-msisdn"
+                    row = producer.execute(
+                        "INSERT INTO outbox.message (command, data) VALUES (%s, %s) "
+                        "RETURNING id", (command, Jsonb({"receiver": number}))).fetchone()
+                    assert row is not None
+                    committed[number].append(int(row[0]))
+                    last[number] = command
+                time.sleep(1.0)
+
     env = {"OUTBOX_WORKERS": "2", "OUTBOX_BACKOFF_BASE": "50ms", "OUTBOX_BACKOFF_MAX": "1s",
            "OUTBOX_BATCH_SIZE": "20"}
     url = with_query(AMQP_URL, topic=topic)
@@ -133,12 +139,15 @@ def test_block_and_unblock_stay_in_order_over_rabbitmq_through_connection_cuts(
             relay.env["OUTBOX_ROUTE_BLOCK_MSISDN"] = relay.name
             relay.env["OUTBOX_ROUTE_UNBLOCK_MSISDN"] = relay.name
             relay.start()
+        producer = threading.Thread(target=produce, daemon=True)
         try:
+            time.sleep(2.0)  # both relays up and connected
+            producer.start()
             cuts = 0
-            deadline = time.monotonic() + 60
-            while cuts < 2 and time.monotonic() < deadline and pending(conn):
-                time.sleep(0.3)
+            while producer.is_alive():
+                time.sleep(0.5)
                 cuts += sum(close_amqp_connections(relay.connection_name) for relay in relays)
+            producer.join(SETTLE)
             assert wait_until(lambda: pending(conn) == 0), "rows left unsent"
             assert wait_until(lambda: len({m.message_id for m in device.received}) >= 180)
         finally:
