@@ -4,16 +4,26 @@ The device is a client of a relay such as WSMessageBroker (or :mod:`outbox.wsrel
 this transport. It connects to the same path with the same ``topic`` query and Basic auth,
 sends one text frame per command and keeps the connection for the next batches::
 
-    ws://user:password@relay:8765/ws?topic=sms[&require_listener=true]
+    ws://user:password@relay:8765/ws?topic=sms[&require_listener=true][&max_frame=1048576]
 
-The relay acknowledges nothing, so a frame counts as delivered once it is written to the
-socket. Two losses this cannot see by itself:
+The relay acknowledges no command, so delivery is confirmed with the protocol's own echo: a
+ping after every ``CONFIRM_EVERY`` frames and after the last frame of a batch. A relay answers
+a ping only once it has read every frame before it, so a pong confirms those frames; the
+frames after the last pong are *not delivered* when the connection closes or stalls before it
+(transient: they are sent again, and consumers drop repeats by ``data.id``). Nothing written
+into a socket buffer that nobody read is taken for delivered.
 
-* frames written just before the relay went away (they sat in a socket buffer that nobody
-  read): the relay and the device hold nothing to compare with, so this is the one silent loss
-  of this transport, bounded by the socket buffer;
-* a topic nobody listens to: the relay drops the frame. A plain WSMessageBroker says nothing
-  about its listeners. :mod:`outbox.wsrelay` does, to clients that announce themselves as
+A relay that completes the upgrade and then closes the connection before answering the first
+ping (kamshory/Messenger answers wrong credentials that way, never with 401: PROTOCOL.md
+section 10) is reported as refused credentials, permanently.
+
+``max_frame`` (bytes, default 1 MiB: what ``outbox ws-relay`` accepts) is the largest frame
+the relay takes; a body larger than that fails by itself, permanently and with its reason,
+instead of making the relay drop the connection under the rest of the batch.
+
+What this cannot see: a topic nobody listens to (the relay drops the frame; a pong says the
+relay read it, not that a device got it). A plain WSMessageBroker says nothing
+about its listeners. :mod:`outbox.wsrelay` does, to clients that announce themselves as
   publishers (``X-Outbox-Role: publisher``): it answers the handshake with
   ``X-Outbox-Listeners: N`` and then sends such a publisher ``{"listeners": N}`` each time the
   number of non-publisher clients on its topic changes. ``require_listener=true`` uses that to
@@ -23,10 +33,16 @@ socket. Two losses this cannot see by itself:
 =====================================  ==========================================
 what happened                          outcome
 =====================================  ==========================================
-frame written to the socket            delivered
-connection lost mid-batch              the frame in flight and the rest: transient
-a write blocked for ``timeout``        connection dropped; that frame and the rest:
-(the relay stopped reading)            transient
+frame followed by a ping the relay     delivered
+answered (pong)
+connection lost or closed mid-batch    the frames after the last pong: transient
+no pong within ``timeout``             connection dropped; the frames after the
+                                       last pong: transient
+a write blocked for ``timeout``        connection dropped; the frames after the
+(the relay stopped reading)            last pong: transient
+upgraded, then closed before the       permanent: credentials refused
+first pong
+body larger than ``max_frame``         permanent, that row only
 handshake refused with 401 or 403      permanent: credentials refused
 other 4xx in the handshake             permanent (wrong path, missing topic)
 408, 429, 5xx in the handshake         transient
@@ -40,6 +56,7 @@ body not ASCII                         permanent (outbox.commands.encode never
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import socket
 import struct
@@ -47,6 +64,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, WebSocketException
@@ -72,6 +90,27 @@ LISTENERS_HEADER = "X-Outbox-Listeners"
 
 _TRANSIENT_STATUSES = frozenset({408, 425, 429})
 
+#: Frames between two confirming pings: a lost connection costs at most this many repeats
+#: beyond the frames the relay had not yet read, and a pong per 100 frames costs nothing
+#: measurable.
+CONFIRM_EVERY = 100
+#: What ``outbox ws-relay`` accepts in one frame (and the transport's default ``max_frame``).
+DEFAULT_MAX_FRAME = 1024 * 1024
+#: Close codes of a relay that refuses a client it let through the upgrade: a plain "normal
+#: closure" (kamshory/Messenger) or "policy violation". Anything else (going away, too big,
+#: overloaded, no close frame) says nothing about the credentials.
+_REFUSING = frozenset({1000, 1008})
+#: 1009: a frame was larger than the relay takes
+_TOO_BIG = 1009
+_OUR_QUERY = ("topic", "require_listener", "max_frame")
+
+
+class _Ping(NamedTuple):
+    sequence: int
+    answered: threading.Event
+    #: the frames this ping confirms
+    ids: list[int]
+
 
 class PublisherConnection(ClientConnection):
     """A client connection that never queues what it receives.
@@ -85,6 +124,32 @@ class PublisherConnection(ClientConnection):
 
     #: listeners on the topic as last reported; ``None``: the relay does not report them
     listeners: int | None = None
+    #: the sequence number of the last confirming ping we sent / the peer answered
+    pinged: int = 0
+    confirmed: int = 0
+    #: the sequence number of the ping that showed the relay accepted us
+    accepted: int = 0
+
+    def confirm(self) -> tuple[int, threading.Event]:
+        """Send a confirming ping; return its sequence number and the event set by its pong
+        (or by the connection closing: compare ``confirmed`` with the number)."""
+        self.pinged += 1
+        return self.pinged, self.ping(struct.pack("!Q", self.pinged), ack_on_close=True)
+
+    def acknowledge_pings(self, data: bytes) -> None:
+        # A pong answers its ping and every ping before it (RFC 6455 allows answering only
+        # the latest); our confirming pings carry increasing 8-byte sequence numbers.
+        with self.protocol_mutex:
+            answered: list[bytes] = []
+            if data in self.pending_pings:
+                for key in self.pending_pings:
+                    answered.append(key)
+                    if key == data:
+                        break
+        sequences = [struct.unpack("!Q", key)[0] for key in answered if len(key) == 8]
+        if sequences:  # before the waiter is woken
+            self.confirmed = max(self.confirmed, *sequences)
+        super().acknowledge_pings(data)
 
     def process_event(self, event: Event) -> None:
         if self.response is None:  # the handshake response
@@ -135,6 +200,7 @@ class WebSocketTransport:
         self.topic = topics[-1]
         flags = [value for key, value in query if key == "require_listener"]
         self.require_listener = url_flag(name, "require_listener", flags[-1] if flags else None)
+        self.max_frame = _max_frame(name, [value for key, value in query if key == "max_frame"])
 
         self._headers = {ROLE_HEADER: PUBLISHER_ROLE}
         if parts.username is not None:
@@ -146,7 +212,7 @@ class WebSocketTransport:
 
         # The relay reads the topic from the query; it is percent-encoded (never '+') so that
         # every parser, PHP's and Java's included, reads back the same string.
-        rest = [(key, value) for key, value in query if key not in ("topic", "require_listener")]
+        rest = [(key, value) for key, value in query if key not in _OUR_QUERY]
         netloc = f"[{host}]" if ":" in host else host
         if port is not None:
             netloc = f"{netloc}:{port}"
@@ -171,6 +237,10 @@ class WebSocketTransport:
         with self._lock:
             connection = self._open()
             failures: Failures = {}
+            #: the frames written since the last confirming ping, and the pings sent
+            written: list[int] = []
+            pings: list[_Ping] = []
+            lost = False
             for index, envelope in enumerate(batch):
                 if self.require_listener and not connection.listeners:
                     error = TransientPublishError(
@@ -178,25 +248,80 @@ class WebSocketTransport:
                     )
                     failures.update((rest.id, error) for rest in batch[index:])
                     break
-                if not envelope.body.isascii():
-                    failures[envelope.id] = PermanentPublishError(
-                        "body is not ASCII JSON (the device decodes it with its own charset)"
-                    )
+                refused = self._refuse(envelope.body)
+                if refused is not None:
+                    failures[envelope.id] = refused
                     continue
                 try:
                     # An ASCII body is valid UTF-8: sent as it is in a text frame, with no
                     # decode and re-encode (the frame is the same as for the str).
                     connection.send(envelope.body, text=True)
+                    written.append(envelope.id)
+                    if len(written) >= CONFIRM_EVERY:
+                        pings.append(_Ping(*connection.confirm(), written))
+                        written = []
                 except ConnectionClosed as exc:
-                    self._discard()
-                    lost = TransientPublishError(
+                    lost = True
+                    error = TransientPublishError(
                         f"connection to {self._where} lost mid-batch ({_closed_reason(exc)}); "
                         "this frame and the following ones were not sent"
                     )
-                    lost.__cause__ = exc
-                    failures.update((rest.id, lost) for rest in batch[index:])
+                    error.__cause__ = exc
+                    failures.update((rest.id, error) for rest in batch[index:])
                     break
+            if written and not lost:
+                try:
+                    pings.append(_Ping(*connection.confirm(), written))
+                    written = []
+                except ConnectionClosed:
+                    lost = True
+            if pings or written:
+                self._await_confirmation(connection, pings, written, failures)
+            elif lost:
+                self._discard()
             return failures
+    def _refuse(self, body: bytes) -> PermanentPublishError | None:
+        if len(body) > self.max_frame:
+            return PermanentPublishError(
+                f"the body is {len(body):,} bytes, more than {self._where} takes in one frame "
+                f"(max_frame={self.max_frame:,}); the connection stays up for the other rows"
+            )
+        if not body.isascii():
+            return PermanentPublishError(
+                "body is not ASCII JSON (the device decodes it with its own charset)"
+            )
+        return None
+
+    def _await_confirmation(self, connection: PublisherConnection, pings: list[_Ping],
+                            unpinged: list[int], failures: Failures) -> None:
+        """Wait for the pong of the last ping; the frames no pong covered are not delivered.
+
+        ``unpinged``: frames written after the last ping (the connection was lost first)."""
+        if pings and not unpinged:
+            pings[-1].answered.wait(self.options.timeout)
+            if connection.confirmed >= pings[-1].sequence:
+                return
+        received = connection.protocol.close_rcvd
+        error: PublishError
+        if (received is not None and received.code in _REFUSING
+                and connection.confirmed <= connection.accepted):
+            # a fresh connection closed before it confirmed one frame: as after the upgrade
+            error = self._refused_after_upgrade(received.code)
+        else:
+            reason = (f"no pong within {self.options.timeout:g} s"
+                      if connection.state is State.OPEN and not unpinged
+                      else _closed_reason_of(connection))
+            if received is not None and received.code == _TOO_BIG:
+                reason += "; set max_frame on the transport URL to the relay's frame limit"
+            error = TransientPublishError(
+                f"{self._where} did not confirm reading these frames ({reason}); "
+                "taken as not delivered"
+            )
+        self._discard()
+        unconfirmed = [ids for ping in pings if ping.sequence > connection.confirmed
+                       for ids in ping.ids]
+        failures.update((message_id, error) for message_id in unconfirmed + unpinged
+                        if message_id not in failures)
 
     def check(self) -> None:
         with self._lock:
@@ -238,6 +363,7 @@ class WebSocketTransport:
         deadline = time.monotonic() + self.options.timeout
         retrying = quick_reconnects(deadline, self.options.timeout)
         connection = retrying(self._connect, deadline)
+        self._await_acceptance(connection)
         if self.require_listener and connection.listeners is None:
             connection.close()
             raise PermanentPublishError(
@@ -246,6 +372,38 @@ class WebSocketTransport:
             )
         self._connection = connection
         return connection
+
+    def _await_acceptance(self, connection: PublisherConnection) -> None:
+        """A first ping: a relay that upgraded and then closes before answering it refused
+        us (kamshory/Messenger's way of saying "wrong credentials"; it never answers 401)."""
+        try:
+            sequence, answered = connection.confirm()
+        except ConnectionClosed as exc:
+            connection.close()
+            raise self._refused_after_upgrade(exc.rcvd.code if exc.rcvd else None) from exc
+        answered.wait(self.options.timeout)
+        if connection.confirmed >= sequence:
+            connection.accepted = sequence
+            return
+        received = connection.protocol.close_rcvd
+        connection.close()
+        if received is None and connection.state is State.OPEN:
+            raise TransientPublishError(
+                f"{self._where} did not answer a ping within {self.options.timeout:g} s "
+                "of the upgrade"
+            )
+        raise self._refused_after_upgrade(received.code if received else None)
+
+    def _refused_after_upgrade(self, code: int | None) -> PublishError:
+        if code not in _REFUSING:
+            return TransientPublishError(
+                f"{self._where} closed the connection right after the upgrade "
+                f"({'close code ' + str(code) if code else 'no close frame'})"
+            )
+        return PermanentPublishError(
+            f"{self._where} refused the credentials: it closed the connection right after "
+            f"the upgrade (close code {code}), as WebSocket relays that never answer 401 do"
+        )
 
     def _connect(self, deadline: float) -> PublisherConnection:
         timeout = max(deadline - time.monotonic(), 0.1)
@@ -266,7 +424,8 @@ class WebSocketTransport:
         except (OSError, TimeoutError, WebSocketException) as exc:
             raise TransientPublishError(f"cannot reach {self._where}: {_reason(exc)}") from exc
         assert isinstance(connection, PublisherConnection)
-        _bound_writes(connection.socket, self.options.timeout)
+        with contextlib.suppress(OSError):  # closed by the relay already: the ping says why
+            _bound_writes(connection.socket, self.options.timeout)
         return connection
 
     def _discard(self) -> None:
@@ -299,6 +458,28 @@ def _handshake_error(where: str, status: int) -> PublishError:
     return PermanentPublishError(f"{where} refused the WebSocket handshake (HTTP {status})")
 
 
+def _max_frame(name: str, values: list[str]) -> int:
+    if not values:
+        return DEFAULT_MAX_FRAME
+    try:
+        size = int(values[-1].strip())
+    except ValueError:
+        size = 0
+    if size < 1024:
+        raise ConfigurationError(
+            f"transport {name!r}: max_frame={values[-1]!r} (expected the relay's frame limit "
+            "in bytes, at least 1024)"
+        )
+    return size
+
+
+def _closed_reason_of(connection: PublisherConnection) -> str:
+    received = connection.protocol.close_rcvd
+    if received is None:
+        return "connection closed without a close frame"
+    return f"closed with code {received.code}" + (f" {received.reason!r}" if received.reason else "")
+
+
 def _parse_count(value: str | None) -> int | None:
     if value is None:
         return None
@@ -321,5 +502,5 @@ def _reason(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-__all__ = ["LISTENERS_HEADER", "PUBLISHER_ROLE", "ROLE_HEADER", "PublisherConnection",
-           "WebSocketTransport"]
+__all__ = ["CONFIRM_EVERY", "DEFAULT_MAX_FRAME", "LISTENERS_HEADER", "PUBLISHER_ROLE",
+           "ROLE_HEADER", "PublisherConnection", "WebSocketTransport"]

@@ -203,3 +203,19 @@ def stalled_server() -> ThreadedServer:
         await connection.wait_closed()
 
     return ThreadedServer(handler)
+
+
+def closing_server(after: int = 0, code: int = 1000) -> ThreadedServer:
+    """Completes the upgrade, reads ``after`` frames, then closes properly with ``code``.
+
+    ``after=0`` is how kamshory/Messenger, the relay the seed recommends, answers wrong
+    credentials: 101 Switching Protocols, then close code 1000, never a 401."""
+    async def handler(connection: ServerConnection) -> None:
+        received = 0
+        with contextlib.suppress(ConnectionClosed):
+            while received < after:
+                await connection.recv()
+                received += 1
+            await connection.close(code)
+
+    return ThreadedServer(handler)
