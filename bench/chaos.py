@@ -691,18 +691,18 @@ class Chaos:
         progress(f"bad-input: {self.sizes.examples} hypothesis examples through INSERT and "
                  "through outbox.enqueue()")
         cases = badinput.explore(self.url, self.sizes.examples)
+        # Whole rows too (issue 13): arbitrary column values and jsonb, operator UPDATEs.
+        progress(f"bad-input: {self.sizes.examples} generated rows through plain SQL")
+        _, row_outcomes = badinput.explore_rows(self.url, self.sizes.examples)
         with amqp_subscriber() as (queue, subscriber):
             with self.relay(amqp_transport(queue), "bad-input",
                             OUTBOX_OTP_SECRET=uuid.uuid4().hex + uuid.uuid4().hex) as relay:
-                stuck = 0
-                try:
-                    wait_until_drained(self.url, 0, timeout=120, label="bad-input: ",
-                                       alive=relay.alive)
-                except (TimeoutError, RuntimeError) as exc:
-                    progress(f"bad-input: {exc}")
-                    with connect(self.url) as conn:
-                        stuck = int(conn.execute("SELECT count(*) FROM outbox.message "
-                                                 "WHERE state = 'pending'").fetchone()[0])
+                # rows an application scheduled for later stay pending: not stuck
+                left = badinput.wait_until_ended(self.url, 120, relay.alive)
+                stuck = len(left)
+                relay_alive = relay.alive()
+                if left:
+                    progress(f"bad-input: unfinished rows {left[:5]}")
             wait_all_received(subscriber, self.url, 30)
         ids, _, _ = subscriber.received()
         delivery = tally(self.url, ids, expect_sent_only=False)
@@ -715,16 +715,19 @@ class Chaos:
                 "FROM outbox.message WHERE state <> 'sent' GROUP BY 1").fetchall())
         summary_cases = badinput.summarise(cases)
         other = summary_cases["refused_without_a_name"]
-        passed = not other and not stuck and not unexplained and not delivery.lost
+        passed = (not other and not stuck and not unexplained and not delivery.lost
+                  and relay_alive)
         summary = (f"{len(cases)} cases x 2 paths: {summary_cases['counts']}; rows ended "
                    f"{delivery.states} ({unexplained} failed/expired without a reason, "
                    f"{stuck} still pending); sent rows lost at the subscriber={len(delivery.lost)}"
                    f"; SQL and helper name a refusal differently in "
                    f"{summary_cases['disagreements'] - summary_cases['accepted_by_one_path_only']}"
                    f" cases and one accepts what the other refuses in "
-                   f"{summary_cases['accepted_by_one_path_only']}")
+                   f"{summary_cases['accepted_by_one_path_only']}; generated rows: "
+                   f"{sum(row_outcomes.values())} attempts, relay alive={relay_alive}")
         return Verdict("bad-input", passed, summary,
                        {"cases": summary_cases, "endings": endings,
+                        "rows": dict(row_outcomes.most_common(40)),
                         "delivery": vars(delivery) | {"lost": delivery.lost[:20]}})
 
     # -- bounded claims (bench/claims.py) ------------------------------------------------------

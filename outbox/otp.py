@@ -56,6 +56,7 @@ from outbox.commands import (
     SEND_EMAIL,
     SEND_SMS,
     Dialect,
+    canonical_receiver,
     check_otp_template,
     encode,
 )
@@ -153,6 +154,11 @@ def otp_digest(secret: bytes, code: str, reference: str, receiver: str,
                     hashlib.sha256).digest()
 
 
+def _receiver(value: object) -> str:
+    """A receiver in the one canonical form the row stores (and the device is sent)."""
+    return canonical_receiver(value) if isinstance(value, str) else _text(value)
+
+
 def _text(value: object) -> str:
     """A data field as the device reads it: ``optString(key, "").trim()``."""
     if value is None:
@@ -207,7 +213,7 @@ class ManagedOtp:
         if not isinstance(tx, OtpStoreTransaction):
             raise TypeError(f"{type(tx).__name__} cannot keep managed OTPs")
         data: Mapping[str, Any] = row.data
-        reference, receiver = _text(data.get("reference")), _text(data.get("receiver"))
+        reference, receiver = _text(data.get("reference")), _receiver(data.get("receiver"))
         template = str(data.get("message", ""))
         check_otp_template(template)
         # A retry stays on the key the row was first issued under, even after a rotation.
@@ -237,7 +243,7 @@ class ManagedOtp:
 
         The row is locked for the check, so of two concurrent right answers exactly one wins.
         """
-        reference, receiver, otp = _text(reference), _text(receiver), _text(otp)
+        reference, receiver, otp = _text(reference), _receiver(receiver), _text(otp)
         bound = _params(params)
         with store.transaction() as tx:
             stored = tx.lock_otp(reference)
@@ -298,7 +304,7 @@ def verify_on_device(transport: Any, reference: str, receiver: str, otp: str,
         raise ConfigurationError(
             f"transport {transport.name!r} cannot validate device OTPs: "
             "device mode needs the REST transport (http:// or https://)")
-    data: dict[str, Any] = {"reference": _text(reference), "receiver": _text(receiver),
+    data: dict[str, Any] = {"reference": _text(reference), "receiver": _receiver(receiver),
                             "otp": _text(otp)}
     for name, value in zip(PARAMS, _params(params), strict=True):
         if value:

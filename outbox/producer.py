@@ -7,7 +7,6 @@ to the relay when (and only if) the caller's transaction commits. It accepts a S
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from datetime import datetime
@@ -18,9 +17,9 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection as SAConnection
 from sqlalchemy.orm import Session
 
-from outbox.commands import Command, validate
+from outbox.commands import DEFAULT_DATA_SIZE, Command, check_times, validate_new
 from outbox.errors import InvalidCommand
-from outbox.store import LOWEST_PRIORITY, insert_message
+from outbox.store import LOWEST_PRIORITY, SELECT_DATA_SIZE_LIMIT, insert_message
 
 _SA_INSERT = text(
     "INSERT INTO outbox.message (command, data, dedup_key, route, available_at, priority, "
@@ -66,24 +65,39 @@ def enqueue(
             raise TypeError("pass data only with a command name, not with a typed command")
         name, payload = command.command, command.to_data()
     else:
-        # not a Mapping: validate() refuses it, naming the rule
-        name, payload = command, dict(data) if isinstance(data, Mapping) else data  # type: ignore[assignment]
-    canonical = validate(name, payload, now=time.time())
-    _check_storable(payload)
-    if dedup_key is not None and not dedup_key:
-        raise InvalidCommand("message_dedup_key_empty", "dedup_key must be non-empty or None")
-    check_priority(priority)
-    if isinstance(target, psycopg.Connection):
-        with target.cursor() as cursor:
-            return insert_message(cursor, canonical, payload, dedup_key=dedup_key, route=route,
-                                  available_at=available_at, priority=priority,
-                                  ordering_key=ordering_key, enqueued_by=enqueued_by)
-    if isinstance(target, psycopg.Cursor):
+        # not a Mapping: validate_new() refuses it, naming the rule
+        name, payload = command, data  # type: ignore[assignment]
+    if isinstance(target, psycopg.Connection | psycopg.Cursor):
+        cursor_or_connection = target
+
+        def data_size() -> int:
+            row = cursor_or_connection.execute(SELECT_DATA_SIZE_LIMIT).fetchone()
+            return int(row[0]) if row is not None else DEFAULT_DATA_SIZE
+
+        canonical, payload, encoded = validate_new(name, payload, now=time.time(),
+                                                   data_size=data_size)
+        _check_columns(dedup_key, available_at, priority)
+        if isinstance(target, psycopg.Connection):
+            with target.cursor() as cursor:
+                return insert_message(cursor, canonical, payload, dedup_key=dedup_key,
+                                      route=route, available_at=available_at,
+                                      priority=priority, ordering_key=ordering_key,
+                                      enqueued_by=enqueued_by, encoded=encoded)
         return insert_message(target, canonical, payload, dedup_key=dedup_key, route=route,
                               available_at=available_at, priority=priority,
-                              ordering_key=ordering_key, enqueued_by=enqueued_by)
+                              ordering_key=ordering_key, enqueued_by=enqueued_by,
+                              encoded=encoded)
     if isinstance(target, Session | SAConnection):
-        params = {"command": canonical, "data": json.dumps(payload), "dedup_key": dedup_key,
+        session = target
+
+        def sa_data_size() -> int:
+            value = session.execute(text(SELECT_DATA_SIZE_LIMIT)).scalar()
+            return int(value) if value is not None else DEFAULT_DATA_SIZE
+
+        canonical, payload, encoded = validate_new(name, payload, now=time.time(),
+                                                   data_size=sa_data_size)
+        _check_columns(dedup_key, available_at, priority)
+        params = {"command": canonical, "data": encoded, "dedup_key": dedup_key,
                   "route": route, "available_at": available_at, "priority": priority,
                   "ordering_key": ordering_key, "enqueued_by": enqueued_by}
         row = target.execute(_SA_INSERT if dedup_key is not None else _SA_INSERT_NO_DEDUP,
@@ -98,33 +112,20 @@ def enqueue(
     )
 
 
+def _check_columns(dedup_key: str | None, available_at: datetime | None, priority: Any) -> None:
+    """The rules on the other columns, after the data's (the database's order)."""
+    check_priority(priority)
+    check_times(available_at=available_at)
+    if dedup_key is not None and not dedup_key:
+        raise InvalidCommand("message_dedup_key_empty", "dedup_key must be non-empty or None")
+
+
 def check_priority(priority: Any) -> None:
     """The database's ``message_priority_range`` rule, checked before the INSERT."""
     if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)
                                  or not 0 <= priority <= LOWEST_PRIORITY):
         raise InvalidCommand("message_priority_range",
                              "priority must be a whole number from 0 (most urgent) to 9")
-
-
-def _check_storable(value: Any) -> None:
-    """Refuse, by name, text that Postgres' jsonb cannot hold (NUL, lone surrogates), instead
-    of letting the INSERT fail with a driver error that aborts the caller's transaction."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            raise InvalidCommand("message_data_storable", "data holds a NUL character, which "
-                                 "PostgreSQL's jsonb cannot store")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidCommand("message_data_storable", "data holds text that is not valid "
-                                 "Unicode (a lone surrogate)") from None
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            _check_storable(key)
-            _check_storable(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            _check_storable(item)
 
 
 __all__ = ["check_priority", "enqueue"]

@@ -140,8 +140,10 @@ SELECT key FROM k WHERE key IS NOT NULL
 """
 
 # Seconds until the lane's earliest pending row is due (a lease's expiry included).
+# The difference of the epochs, not of the timestamps: a row from before migration 0008 may
+# be due at '-infinity', and Postgres cannot subtract infinite timestamps.
 NEXT_DUE = """
-SELECT extract(epoch FROM min(c.available_at) - now())::float8
+SELECT extract(epoch FROM min(c.available_at))::float8 - extract(epoch FROM now())::float8
 FROM unnest(%(keys)s::text[]) AS k(key)
 CROSS JOIN generate_series(0, %(max_priority)s::int) AS p(priority)
 CROSS JOIN LATERAL (
@@ -372,6 +374,9 @@ SELECT_ACCEPTED = """
 SELECT command, data, extract(epoch FROM created_at)::float8, enqueued_by
 FROM outbox.message WHERE id = %s
 """
+
+# The configured size limit of data (migration 0013); asked only for data over 1 KiB.
+SELECT_DATA_SIZE_LIMIT = "SELECT outbox.message_data_size()"
 
 # --- managed OTPs (outbox.otp: one row per reference, only a keyed hash of the code) ----
 
@@ -791,14 +796,17 @@ def insert_message(
     priority: int | None = None,
     ordering_key: str | None = None,
     enqueued_by: str | None = None,
+    encoded: str | None = None,
 ) -> int:
     """INSERT one row through a DB-API cursor; with a used ``dedup_key``, the existing id.
-    ``priority`` and ``ordering_key`` left None take the command's defaults."""
+    ``priority`` and ``ordering_key`` left None take the command's defaults. ``encoded``:
+    ``data`` already as JSON text (the helper measured it), sent as it is."""
+    value = Jsonb(data) if encoded is None else Jsonb(encoded, dumps=str)
     if dedup_key is None:
-        cursor.execute(INSERT_MESSAGE_NO_DEDUP, (command, Jsonb(data), route, available_at,
+        cursor.execute(INSERT_MESSAGE_NO_DEDUP, (command, value, route, available_at,
                                                  priority, ordering_key, enqueued_by))
     else:
-        cursor.execute(INSERT_MESSAGE, (command, Jsonb(data), dedup_key, route, available_at,
+        cursor.execute(INSERT_MESSAGE, (command, value, dedup_key, route, available_at,
                                         priority, ordering_key, enqueued_by))
     row = cursor.fetchone()
     if row is None:

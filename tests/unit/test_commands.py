@@ -201,3 +201,80 @@ def test_encoding_is_byte_for_byte_the_standard_compact_ascii_form(data: dict[st
 def test_non_ascii_text_and_huge_integers_take_the_exact_path() -> None:
     assert encode({"m": "é"}) == b'{"m":"\\u00e9"}'
     assert encode({"n": 2**80}) == b'{"n":1208925819614629174706176}'
+
+
+# -- one receiver rule, data as a whole (the database side: tests/integration/test_bad_input.py)
+
+
+def test_whitespace_is_every_character_python_calls_space_and_the_migration_agrees() -> None:
+    import importlib  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from outbox.commands import WHITESPACE  # noqa: PLC0415
+
+    spaces = "".join(chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace())
+    assert spaces == WHITESPACE
+    migration = importlib.import_module("outbox.migrations.versions.0013_bad_input_at_the_door")
+    assert migration.WHITESPACE == WHITESPACE
+
+
+@pytest.mark.parametrize(("raw", "canonical"), [
+    (" +6281234567890 ", "+6281234567890"), ("\t081234\u00a0", "081234"),
+    ("\u3000ann@example.com\n", "ann@example.com"), ("Ann@Example.COM", "Ann@Example.COM"),
+    ("\u200b0812", "\u200b0812"),  # a zero-width space is no whitespace: refused, not trimmed
+])
+def test_canonical_receiver_trims_whitespace_and_keeps_the_rest(raw: str, canonical: str) -> None:
+    from outbox.commands import canonical_receiver  # noqa: PLC0415
+
+    assert canonical_receiver(raw) == canonical
+
+
+@pytest.mark.parametrize(("value", "rule"), [
+    (2**63, "message_data_number"), (-(2**63) - 1, "message_data_number"),
+    (1e19, "message_data_number"), (float("nan"), "message_data_number"),
+    (1e-301, "message_data_number"), (2**63 - 1, None), (1e18, None), (0.1, None),
+    (-0.0, None), (1.5e-300, None), (True, None),
+])
+def test_numbers_that_do_not_survive_json_are_refused_by_name(value: object,
+                                                              rule: str | None) -> None:
+    from outbox.commands import validate_new  # noqa: PLC0415
+
+    data = {**SMS, "x": [{"y": value}]}
+    if rule is None:
+        validate_new("send-sms", data, now=NOW)
+    else:
+        with pytest.raises(InvalidCommand) as caught:
+            validate_new("send-sms", data, now=NOW)
+        assert caught.value.rule == rule
+
+
+def test_validate_new_stores_the_canonical_receiver_and_encodes_it() -> None:
+    from outbox.commands import validate_new  # noqa: PLC0415
+
+    name, data, text = validate_new("Send-SMS", {"receiver": " 0812345 ", "message": "m"},
+                                    now=NOW)
+    assert (name, data["receiver"]) == ("send-sms", "0812345")
+    assert json.loads(text) == data
+
+
+def test_the_size_limit_is_asked_only_for_data_over_a_kibibyte() -> None:
+    from outbox.commands import validate_new  # noqa: PLC0415
+
+    asked: list[int] = []
+
+    def limit() -> int:
+        asked.append(1)
+        return 2048
+
+    validate_new("send-sms", {**SMS, "message": "m" * 900}, now=NOW, data_size=limit)
+    assert asked == []
+    validate_new("send-sms", {**SMS, "message": "m" * 1500}, now=NOW, data_size=limit)
+    assert asked == [1]
+    with pytest.raises(InvalidCommand, match="2,048"):
+        validate_new("send-sms", {**SMS, "message": "m" * 2100}, now=NOW, data_size=limit)
+
+
+def test_the_wire_carries_the_canonical_receiver() -> None:
+    payload = wire_payload("block-msisdn", {"receiver": "\t+6281234567890 "}, message_id=1,
+                           dialect=Dialect.OTP_PI, now=NOW, expires_at=None)
+    assert payload["data"]["receiver"] == "+6281234567890"
