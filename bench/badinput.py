@@ -373,11 +373,14 @@ def update_row(conn: psycopg.Connection[Any], row_id: int, assignment: str) -> s
 
 def unfinished(conn: psycopg.Connection[Any], ids: list[int]) -> list[tuple[Any, ...]]:
     """Rows of ``ids`` that are due and still pending (claimed ones included: a lease is a
-    promise to finish them), or ended failed/expired without a reason."""
+    promise to finish them), or ended failed/expired without a reason. A row behind an
+    earlier pending row of its ordering key waits its turn, as ordering keys promise."""
     return conn.execute(
-        "SELECT id, state, attempts, available_at::text, last_error FROM outbox.message "
+        "SELECT id, state, attempts, available_at::text, last_error FROM outbox.message AS m "
         "WHERE id = ANY(%s) AND ((state = 'pending' AND (available_at <= now() + interval '5 s' "
-        "                                              OR claim IS NOT NULL)) "
+        "                                              OR claim IS NOT NULL) "
+        "      AND NOT EXISTS (SELECT 1 FROM outbox.message AS e WHERE e.state = 'pending' "
+        "                      AND e.ordering_key = m.ordering_key AND e.id < m.id)) "
         "     OR (state IN ('failed', 'expired') AND coalesce(last_error, '') = ''))",
         (ids,)).fetchall()
 

@@ -182,7 +182,9 @@ def add_key(lanes: dict[str, Lane], settings: Settings, key: str) -> Lane | None
     label, names = resolve_key(settings, key)
     created = label not in lanes
     lane = lanes.setdefault(label, Lane(label, names))
-    lane.add_key(key.strip() if not key.startswith("@") else key)
+    # exactly what outbox.lane_key() makes of a route: btrim(), which takes spaces only; a
+    # key trimmed of a tab as well matched no row, and the row stayed pending for ever
+    lane.add_key(key.strip(" ") if not key.startswith("@") else key)
     return lane if created else None
 
 

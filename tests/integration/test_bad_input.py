@@ -373,3 +373,31 @@ def test_block_and_unblock_of_one_number_name_the_same_string_on_the_wire(
                       for envelope in transport.delivered}
     assert receivers_sent == {RECEIVER.encode()}
     assert len(transport.delivered) == 4
+
+
+def test_the_migration_brings_pending_rows_within_the_rules() -> None:
+    from outbox import db  # noqa: PLC0415
+    from tests.conftest import empty_database  # noqa: PLC0415
+
+    with empty_database() as url:
+        db.upgrade(url, "0010")
+        with psycopg.connect(url, autocommit=True) as old:
+            for columns in ("available_at = 'infinity'", "available_at = '-infinity'",
+                            "created_at = 'infinity'", "expires_at = '-infinity'",
+                            "expires_at = 'infinity'", "attempts = 2147483647",
+                            "dedup_key = ''"):
+                row = old.execute("INSERT INTO outbox.message (command, data) "
+                                  "VALUES ('send-sms', %s) RETURNING id", (Jsonb(SMS),)).fetchone()
+                assert row is not None
+                old.execute(f"UPDATE outbox.message SET {columns} WHERE id = %s", (row[0],))
+        db.upgrade(url)
+        with psycopg.connect(url, autocommit=True) as new:
+            rows = new.execute(
+                "SELECT available_at <= now(), isfinite(created_at), expires_at::text, attempts,"
+                " dedup_key FROM outbox.message ORDER BY id").fetchall()
+    assert [row[0] for row in rows] == [True] * 7  # due now (or as it was)
+    assert all(row[1] for row in rows)
+    assert rows[3][2] is not None and rows[3][2].startswith("1970-01-01")  # expired at once
+    assert rows[4][2] is None  # never expires
+    assert rows[5][3] == 1_000_000
+    assert rows[6][4] is None
