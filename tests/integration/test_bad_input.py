@@ -380,7 +380,7 @@ def test_the_migration_brings_pending_rows_within_the_rules() -> None:
     from tests.conftest import empty_database  # noqa: PLC0415
 
     with empty_database() as url:
-        db.upgrade(url, "0010")
+        db.upgrade(url, "0012")
         with psycopg.connect(url, autocommit=True) as old:
             for columns in ("available_at = 'infinity'", "available_at = '-infinity'",
                             "created_at = 'infinity'", "expires_at = '-infinity'",
