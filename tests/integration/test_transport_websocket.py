@@ -394,7 +394,7 @@ def _relay_rows(url: str, transport_url: str, conn: psycopg.Connection[Any],
     transports = open_transports(settings)
     try:
         relay = Relay(PostgresStore(psycopg.connect(url)), transports, settings)
-        relay.process_batch()
+        relay.drain()
         relay.store.close()
     finally:
         for transport in transports.values():
