@@ -140,9 +140,11 @@ def frozen_relay(url: str, logs: Path, *, rows: int, freeze: float) -> Outcome:
         a = RelayProcess(url, device.url(), SLOW, log=logs / "chaos-frozen-a.log", **relay_env())
         b = RelayProcess(url, device.url(), SLOW, log=logs / "chaos-frozen-b.log", **relay_env())
         a.start()
-        b.start()
         try:
-            wait(lambda: len(claimed_by(url, a.pid)) > 0, 60, every=0.05)
+            # freeze it once it knows the device's pace and holds a claim of its own size
+            wait(lambda: states(url).get("sent", 0) >= 5, 60, every=0.05)
+            wait(lambda: len(claimed_by(url, a.pid)) > 1, 60, every=0.01)
+            b.start()
             os.kill(a.pid, signal.SIGSTOP)
             frozen_at = time.time()
             held = claimed_by(url, a.pid)
@@ -320,7 +322,8 @@ def partitioned_relay(url: str, logs: Path, *, rows: int, cut_for: float) -> Out
                          **relay_env())
         try:
             a.start()
-            wait(lambda: len(claimed_by(url, a.pid)) > 0, 60, every=0.05)
+            wait(lambda: states(url).get("sent", 0) >= 5, 60, every=0.05)
+            wait(lambda: len(claimed_by(url, a.pid)) > 1, 60, every=0.01)
             namespace.cut()
             cut_at = time.time()
             held = claimed_by(url, a.pid)

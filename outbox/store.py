@@ -39,6 +39,10 @@ A crash after the claim leaves the rows leased until the lease runs out; then th
 published again (at-least-once). The row id on the wire lets consumers drop the repeat.
 """
 
+# The claim statements are assembled from the constants below when the module loads; every
+# value travels as a query parameter.
+# ruff: noqa: S608
+
 from __future__ import annotations
 
 import json
@@ -56,28 +60,55 @@ CHANNEL = "outbox_message"
 #: priorities run from 0 (most urgent) to this
 LOWEST_PRIORITY = 9
 
-CLAIM = """
-WITH picked AS (
-    SELECT c.id, c.available_at AS was_available_at,
+# The two sources of a claim, the same for both kinds of claim. ``expired``: rows whose lease
+# ran out without a record (their relay froze, died or lost the database); they were at the
+# head of the queue when they were claimed, so they go first, before the rows ranked by the
+# index. ``fresh``: the first rows of each (lane key, priority) class, in the order of the
+# index, without a lease; the best of them by rank. Both skip rows another claim is locking.
+_CLAIM_SOURCES = """
+expired AS (
+    SELECT m.id, m.command, m.data, m.route, m.attempts, m.created_at, m.expires_at,
+           m.available_at, '-infinity'::float8 AS rank
+    FROM outbox.message AS m
+    WHERE m.state = 'pending' AND m.claim IS NOT NULL AND m.available_at <= now()
+      AND outbox.lane_key(m.route, m.command) = ANY(%(keys)s::text[])
+      AND m.priority <= %(max_priority)s::int
+      AND (m.ordering_key IS NULL OR NOT EXISTS (
+            SELECT 1 FROM outbox.message AS e
+            WHERE e.ordering_key = m.ordering_key AND e.state = 'pending' AND e.id < m.id))
+    ORDER BY m.available_at, m.id
+    LIMIT %(limit)s
+    FOR UPDATE OF m SKIP LOCKED
+), fresh AS (
+    SELECT c.id, c.command, c.data, c.route, c.attempts, c.created_at, c.expires_at,
+           c.available_at,
            extract(epoch FROM c.available_at) + c.priority * %(aging)s::float8 AS rank
     FROM unnest(%(keys)s::text[]) AS k(key)
     CROSS JOIN generate_series(0, %(max_priority)s::int) AS p(priority)
     CROSS JOIN LATERAL (
-        SELECT m.id, m.available_at, m.priority
+        SELECT m.id, m.command, m.data, m.route, m.attempts, m.created_at, m.expires_at,
+               m.available_at, m.priority
         FROM outbox.message AS m
         WHERE m.state = 'pending'
           AND outbox.lane_key(m.route, m.command) = k.key
           AND m.priority = p.priority
           AND m.available_at <= now()
+          AND m.claim IS NULL
           AND (m.ordering_key IS NULL OR NOT EXISTS (
                 SELECT 1 FROM outbox.message AS e
                 WHERE e.ordering_key = m.ordering_key AND e.state = 'pending' AND e.id < m.id))
         ORDER BY m.available_at, m.id
         LIMIT %(limit)s
         FOR UPDATE OF m SKIP LOCKED) AS c
-    ORDER BY rank, c.id
+), picked AS (
+    SELECT *
+    FROM (SELECT * FROM expired UNION ALL SELECT * FROM fresh) AS candidates
+    ORDER BY rank, id
     LIMIT %(limit)s
-), claimed AS (
+)"""
+
+CLAIM = """
+WITH""" + _CLAIM_SOURCES + """, claimed AS (
     UPDATE outbox.message AS m
     SET available_at = now() + %(lease)s * interval '1 second',
         claimed_by = %(owner)s, claim = %(claim)s
@@ -88,7 +119,7 @@ WITH picked AS (
     RETURNING m.id, m.command, m.data, m.route, m.attempts,
               extract(epoch FROM m.created_at)::float8 AS created_at,
               extract(epoch FROM m.expires_at)::float8 AS expires_at,
-              extract(epoch FROM picked.was_available_at)::float8 AS was_available_at,
+              extract(epoch FROM picked.available_at)::float8 AS was_available_at,
               picked.rank
 )
 SELECT id, command, data, route, attempts, created_at, expires_at, was_available_at
@@ -102,28 +133,13 @@ ORDER BY rank, id
 # relay's locks go with its session, ended by idle_in_transaction_session_timeout (set to
 # the claim timeout on relay sessions). Same lanes, rank and ordering keys as CLAIM.
 CLAIM_LOCKED = """
-SELECT c.id, c.command, c.data, c.route, c.attempts,
-       extract(epoch FROM c.created_at)::float8,
-       extract(epoch FROM c.expires_at)::float8,
+WITH""" + _CLAIM_SOURCES + """
+SELECT id, command, data, route, attempts,
+       extract(epoch FROM created_at)::float8,
+       extract(epoch FROM expires_at)::float8,
        0::float8  -- a locked row is never handed back: it stays where it is
-FROM unnest(%(keys)s::text[]) AS k(key)
-CROSS JOIN generate_series(0, %(max_priority)s::int) AS p(priority)
-CROSS JOIN LATERAL (
-    SELECT m.id, m.command, m.data, m.route, m.attempts, m.created_at, m.expires_at,
-           m.available_at, m.priority
-    FROM outbox.message AS m
-    WHERE m.state = 'pending'
-      AND outbox.lane_key(m.route, m.command) = k.key
-      AND m.priority = p.priority
-      AND m.available_at <= now()
-      AND (m.ordering_key IS NULL OR NOT EXISTS (
-            SELECT 1 FROM outbox.message AS e
-            WHERE e.ordering_key = m.ordering_key AND e.state = 'pending' AND e.id < m.id))
-    ORDER BY m.available_at, m.id
-    LIMIT %(limit)s
-    FOR UPDATE OF m SKIP LOCKED) AS c
-ORDER BY extract(epoch FROM c.available_at) + c.priority * %(aging)s::float8, c.id
-LIMIT %(limit)s
+FROM picked
+ORDER BY rank, id
 """
 
 # The distinct lane keys of pending rows, one index descent each (a loose index scan): the
@@ -245,7 +261,7 @@ SET granted = {_GRANTED},
     tokens = greatest({_REFILLED} - {_GRANTED}, 0),
     updated_at = greatest(extract(epoch FROM now()), b.updated_at)
 RETURNING granted, tokens
-"""  # noqa: S608 - assembled from the constants above; every value is a parameter
+"""
 
 # Tokens taken by a claim that found fewer rows than it had tokens for go back (the bucket
 # row is already locked by this transaction).

@@ -218,7 +218,9 @@ class _MemoryTransaction:
                       if row.available_at <= now and row.id not in blocked
                       and row.priority <= request.max_priority
                       and lane_key(row.route, row.command) in keys),
-                     key=lambda row: (row.available_at + row.priority * request.aging, row.id))
+                     # a lease that ran out first: it was at the head when it was claimed
+                     key=lambda row: (row.claim is None,
+                                      row.available_at + row.priority * request.aging, row.id))
         claimed = []
         for row in due[:request.limit]:
             claimed.append(ClaimedRow(row.id, row.command, row.data, row.route,

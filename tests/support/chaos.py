@@ -55,6 +55,8 @@ class Relay:
             "OUTBOX_LOG_LEVEL": "warning",
             "OUTBOX_LOG_FORMAT": "json",
             "OUTBOX_POLL_INTERVAL": "0.5",
+            # a SIGKILLed relay's leased rows come back within seconds, not half a minute
+            "OUTBOX_CLAIM_TIMEOUT": "5s",
         })
         if route_all:  # every command to the transport under test, not only send-sms
             self.env["OUTBOX_TRANSPORT"] = transport_url
