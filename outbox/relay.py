@@ -984,9 +984,12 @@ class RelayService:
 
     def _work(self, stop: threading.Event, wake: threading.Event, lane: Lane, worker: str,
               max_priority: int = LOWEST_PRIORITY) -> None:
-        transports = self._open_transports(lane)
+        transports: Mapping[str, Transport] = {}
         relay: Relay | None = None
         try:
+            # inside the try: a lane that cannot open its transports stops the service,
+            # instead of leaving the other lanes running with an error nobody reports
+            transports = self._open_transports(lane)
             while not stop.is_set():
                 if relay is None:
                     relay = self._connect(stop, transports, lane, worker, max_priority)
