@@ -91,6 +91,8 @@ UNROUTABLE = "(unroutable)"
 DISCOVERY_INTERVAL = 2.0
 #: the interpreter's thread switch interval while the relay runs (see RelayService.run)
 SWITCH_INTERVAL = 0.001
+#: how much nicer than the express workers the bulk workers run (Linux: per thread)
+BULK_NICENESS = 5
 
 
 class OtpIssuer(Protocol):
@@ -986,6 +988,7 @@ class RelayService:
               max_priority: int = LOWEST_PRIORITY) -> None:
         transports: Mapping[str, Transport] = {}
         relay: Relay | None = None
+        _yield_to_urgent_threads(max_priority)
         try:
             # inside the try: a lane that cannot open its transports stops the service,
             # instead of leaving the other lanes running with an error nobody reports
@@ -1086,6 +1089,18 @@ class RelayService:
         return Relay(store, transports, self.settings, lane=lane, owner=self.owner,
                      leases=self.leases, otp=self.otp, stopping=stop.is_set,
                      max_priority=max_priority)
+
+
+def _yield_to_urgent_threads(max_priority: int) -> None:
+    """Run a bulk worker thread (one that claims every priority) at a lower CPU priority
+    than the express workers and
+    the LISTEN thread: on a saturated machine an OTP's dozen round trips then wait for the
+    CPU behind nothing but their own. Raising one's own niceness needs no privilege; where
+    the platform has no per-thread priority, nothing changes."""
+    if max_priority < LOWEST_PRIORITY:
+        return
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BULK_NICENESS)
 
 
 def _open_named(settings: Settings, names: Sequence[str]) -> dict[str, Transport]:
