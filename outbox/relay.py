@@ -201,10 +201,9 @@ class LeaseBook:
     the extension. A deadline is always earlier than the lease in the database: it counts
     from a moment before the statement was sent."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self) -> None:
         self._deadlines: dict[int, float] = {}
         self._lock = threading.Lock()
-        self.clock = clock
 
     def add(self, claim: int, deadline: float) -> None:
         with self._lock:
@@ -287,7 +286,7 @@ class Relay:
         self.settings = settings
         self.lane = lane or _single_lane(settings, transports)
         self.owner = owner or relay_identity()
-        self.leases = leases or LeaseBook(monotonic)
+        self.leases = leases or LeaseBook()
         self.otp = otp
         self.clock = clock
         self.monotonic = monotonic
@@ -970,15 +969,15 @@ class RelayService:
                 store = None
                 continue
             known = {key for lane in self.lanes.values() for key in lane.key_list()}
-            for key in keys:
-                if key in known:
-                    continue
+            found = [key for key in keys if key not in known]
+            for key in found:
                 created = add_key(self.lanes, self.settings, key)
                 log.info("lane.key_found", key_lane=resolve_key(self.settings, key)[0],
                          new_lane=created is not None)
                 if created is not None and not stop.is_set():
                     self._start_lane(created, stop)
-            self._wake_all()
+            if found:  # an existing lane has a key more: its idle workers claim it now
+                self._wake_all()
         if store is not None:
             _close_quietly(store)
 
