@@ -178,9 +178,10 @@ def check_otp_template(message: str) -> None:
 
 def _receiver(command: str, data: Mapping[str, Any]) -> str:
     receiver = data.get("receiver")
-    if not isinstance(receiver, str) or _blank(receiver):
+    if isinstance(receiver, str):
+        receiver = canonical_receiver(receiver)
+    if not isinstance(receiver, str) or not receiver:
         raise InvalidCommand("message_receiver_present", f"{command} needs a non-empty data.receiver")
-    receiver = canonical_receiver(receiver)
     if command == SEND_EMAIL:
         if not EMAIL_RE.fullmatch(receiver):
             raise InvalidCommand("message_receiver_email", "send-email receiver is not an e-mail address")
@@ -209,7 +210,7 @@ def validate(command: object, data: object, *, now: float | None = None) -> str:
     name = canonical_command(command, data)
     if data is None:
         raise InvalidCommand("message_data_not_null", "data must not be NULL")
-    if not isinstance(data, Mapping):
+    if type(data) is not dict and not isinstance(data, Mapping):  # a dict: what JSON decodes to
         raise InvalidCommand("message_data_object", "data must be a JSON object")
     _receiver(name, data)
     _rest(name, data, now)

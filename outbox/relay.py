@@ -711,7 +711,7 @@ class Relay:
             outcomes[command, route, "sent"] += len(lags)
             # a clock step backwards must not record a negative lag
             metrics.DELIVERY_LAG.observe_many(route, (lag if lag > 0 else 0.0 for lag in lags))
-        commands = {p.row.id: (p.command, p.route) for p in live}
+        commands = {p.row.id: (p.command, p.route) for p in live} if expired else {}
         for outcome in expired:
             command, route = commands.get(outcome.id, ("unknown", "none"))
             outcomes[command, route, "expired"] += 1

@@ -38,6 +38,8 @@ class Pace:
     """A lane's observed publishing pace: seconds per row, smoothed (None until observed)."""
 
     seconds_per_row: float | None = None
+    #: rows of the largest chunk observed so far: what the estimate rests on
+    basis: int = 0
 
     def observe(self, rows: int, seconds: float) -> None:
         if rows <= 0 or not math.isfinite(seconds) or seconds < 0:
@@ -47,9 +49,14 @@ class Pace:
             self.seconds_per_row = sample
         else:
             # A slow sample counts at once (a device that slowed down must not be handed a
-            # claim it cannot finish); a fast one only gradually.
-            weight = 1.0 if sample > self.seconds_per_row else SMOOTHING
+            # claim it cannot finish); a fast one only gradually, unless it measured more
+            # rows than any before: a lane's first claim of one row is mostly round trips,
+            # and its pace at forty times that per row kept a broker's claims small for a
+            # dozen claims (a tenth of a 100,000-row drain at a third of its speed).
+            faster_and_larger = sample <= self.seconds_per_row and rows > self.basis
+            weight = 1.0 if sample > self.seconds_per_row or faster_and_larger else SMOOTHING
             self.seconds_per_row += weight * (sample - self.seconds_per_row)
+        self.basis = max(self.basis, rows)
 
 
 def claim_budget(claim_timeout: float) -> float:

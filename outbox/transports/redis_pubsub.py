@@ -122,18 +122,45 @@ class RedisTransport:
     # -- internals ------------------------------------------------------------------------
 
     def _publish_all(self, batch: Sequence[Envelope]) -> list[Any]:
-        pipe = self._client.pipeline(transaction=False)
-        publish = pipe.publish
+        """One write of every PUBLISH, then one reply each, in order (a pipeline).
+
+        The commands are written in RESP by hand, over redis-py's own pooled connection
+        (its authentication, TLS, timeouts and reply parser): redis-py's generic pipeline
+        packs each command through several layers of argument encoding, about 10 us a
+        message, more than the rest of the relay spends on it. The bytes are the same."""
         topic = self._topic_bytes
+        head = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%b\r\n" % (len(topic), topic)
+        parts: list[bytes] = []
+        append = parts.append
         for envelope in batch:
-            publish(topic, envelope.body)
+            body = envelope.body
+            append(head)
+            append(b"$%d\r\n" % len(body))
+            append(body)
+            append(b"\r\n")
+        pool = self._client.connection_pool
+        connection: Any = pool.get_connection()  # redis-py leaves its methods untyped
+        replies: list[Any] = []
         try:
-            return pipe.execute(raise_on_error=False)
+            connection.send_packed_command([b"".join(parts)])
+            read = connection.read_response
+            for _ in batch:
+                try:
+                    replies.append(read())
+                except redis.exceptions.ResponseError as exc:  # this PUBLISH's own error reply
+                    replies.append(exc)
         except redis.exceptions.RedisError as exc:
+            # the replies still on the wire belong to nobody: the connection goes
+            connection.disconnect()
             self._suspect = True
             raise self._error(exc, "cannot publish to") from exc
+        except BaseException:
+            connection.disconnect()
+            self._suspect = True
+            raise
         finally:
-            pipe.reset()
+            pool.release(connection)
+        return replies
 
     def _failures(self, batch: Sequence[Envelope], replies: list[Any]) -> Failures:
         failures: Failures = {}

@@ -78,6 +78,21 @@ def test_a_slowdown_counts_at_once_a_speedup_only_gradually() -> None:
     assert 0.1 < pace.seconds_per_row < 2.0
 
 
+def test_a_larger_chunk_measures_a_speedup_at_once() -> None:
+    # a broker's first claim: one row, mostly round trips; the next, larger, shows its pace
+    pace = Pace()
+    pace.observe(1, 0.017)
+    assert claim_size(pace, claim_timeout=30, batch_size=2000) == 117
+    pace.observe(117, 117 * 0.0003)
+    assert pace.seconds_per_row == pytest.approx(0.0003)
+    assert claim_size(pace, claim_timeout=30, batch_size=2000) == 2000
+    assert lease_free(pace, 2000)
+    pace.observe(2000, 2000 * 0.0003)
+    # once a claim that large has been measured, a faster one of no more rows is one sample
+    pace.observe(2000, 2000 * 0.0001)
+    assert 0.0001 < pace.seconds_per_row < 0.0003
+
+
 @pytest.mark.parametrize(("rows", "seconds"), [(0, 1.0), (1, -1.0), (1, math.nan),
                                                (1, math.inf)])
 def test_meaningless_observations_are_ignored(rows: int, seconds: float) -> None:
