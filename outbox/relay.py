@@ -336,7 +336,7 @@ class Relay:
         buckets = self._buckets()
         # A rate-limited lane always takes a lease: its bucket's row lock must last only as
         # long as the claim, not the publish.
-        if lease_free(self.pace, limit) and not buckets:
+        if not buckets:
             return self._process_locked(limit)
         claim = self.rng.getrandbits(63) or 1
         request = ClaimRequest(keys=self.lane.key_list(), limit=limit,
@@ -413,24 +413,48 @@ class Relay:
         return pause
 
     def _process_locked(self, limit: int) -> BatchReport:
-        """A claim that publishes in about a second (a broker): one transaction holds the
-        rows' locks while they are published and records them; no lease is written."""
+        """Claim with row locks; then, by what was claimed and the lane's pace:
+
+        * rows that publish within about a second (a broker's batch, an OTP or two) keep
+          their locks: this one transaction claims, publishes and records them, no lease
+          written (its two row versions would cost more than that second of locking);
+        * any more (a device, a lane whose pace is not known yet) take a lease before the
+          transaction commits, and are published outside it, chunk by chunk.
+
+        Deciding on the rows claimed rather than on the claim's limit keeps an urgent lane,
+        which claims a row or two at a time, on the short path however slow its pace."""
         request = ClaimRequest(keys=self.lane.key_list(), limit=limit,
                                lease=self.settings.claim_timeout, owner=self.owner, claim=0,
                                aging=self.settings.priority_aging, max_priority=self.max_priority)
+        leased: int | None = None
+        started = 0.0
         with self.store.transaction() as tx:
             rows = tx.claim_locked(request)
             if not rows:
                 return BatchReport()
             metrics.BATCHES.inc()
-            planned, report = self._plan(tx, rows, self.clock(), None)
-            if planned and not self.stopping():  # stopping: the commit lets the rows go as they were
-                started = time.perf_counter()
-                chunk_report, down, not_tried = self._publish_chunk(
-                    planned, None, tx=tx, prebuilt=_envelopes(planned))
-                self.pace.observe(len(planned) - len(not_tried), time.perf_counter() - started)
-                report.add(chunk_report)
-                self.outage = self.outage + 1 if down else 0
+            if not lease_free(self.pace, len(rows)):
+                leased = self.rng.getrandbits(63) or 1
+                started = self.monotonic()
+                tx.lease(rows, replace(request, claim=leased))
+                planned, report = self._plan(tx, rows, self.clock(), leased)
+            else:
+                planned, report = self._plan(tx, rows, self.clock(), None)
+                if planned and not self.stopping():  # stopping: the commit lets the rows go as they were
+                    published = time.perf_counter()
+                    chunk_report, down, not_tried = self._publish_chunk(
+                        planned, None, tx=tx, prebuilt=_envelopes(planned))
+                    self.pace.observe(len(planned) - len(not_tried),
+                                      time.perf_counter() - published)
+                    report.add(chunk_report)
+                    self.outage = self.outage + 1 if down else 0
+        if leased is not None:
+            # the deadline counts from before the lease was written: earlier than the database's
+            self.leases.add(leased, started + self.settings.claim_timeout)
+            try:
+                report.add(self._publish_all(planned, leased))
+            finally:
+                self.leases.remove(leased)
         report.claimed = len(rows)
         report.full = len(rows) >= limit
         return report
@@ -816,6 +840,8 @@ class RelayService:
         self.leases = LeaseBook()
         self.lanes: dict[str, Lane] = {}
         self._wake_events: list[threading.Event] = []
+        #: the express workers' events: a NOTIFY of an urgent row wakes only them
+        self._express_events: list[threading.Event] = []
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         #: monotonic time of each worker's last completed step, for /livez
@@ -895,6 +921,8 @@ class RelayService:
                                       args=(stop, wake, lane, name, max_priority), name=name)
             with self._lock:
                 self._wake_events.append(wake)
+                if max_priority < LOWEST_PRIORITY:
+                    self._express_events.append(wake)
                 self._threads.append(thread)
                 self._turns[name] = time.monotonic()
             thread.start()
@@ -904,6 +932,21 @@ class RelayService:
             events = list(self._wake_events)
         for event in events:
             event.set()
+
+    def _wake_for(self, payload: str) -> None:
+        """Wake the workers a new row's NOTIFY concerns. Since migration 0015 the payload is
+        the row's priority: a row the express workers claim wakes only them (the bulk workers
+        of an idle lane would each run a claim for it and slow the one that wins); any other
+        payload, an empty one included (an older schema), wakes everybody."""
+        express = self.settings.express_priority
+        if len(payload) == 1 and payload.isdigit() and int(payload) <= express:
+            with self._lock:
+                events = list(self._express_events)
+            if events:
+                for event in events:
+                    event.set()
+                return
+        self._wake_all()
 
     # -- LISTEN --------------------------------------------------------------------------
 
@@ -919,8 +962,8 @@ class RelayService:
                     connection.execute(f"LISTEN {CHANNEL}")
                     self._wake_all()  # rows may have arrived while we were not listening
                     while not stop.is_set():
-                        for _ in connection.notifies(timeout=0.5, stop_after=1):
-                            self._wake_all()
+                        for notify in connection.notifies(timeout=0.5, stop_after=1):
+                            self._wake_for(notify.payload)
             except psycopg.Error:
                 log.warning("relay.listen_lost")
                 stop.wait(0.5)
@@ -992,6 +1035,7 @@ class RelayService:
             # inside the try: a lane that cannot open its transports stops the service,
             # instead of leaving the other lanes running with an error nobody reports
             transports = self._open_transports(lane)
+            _warm_up(transports, worker, max_priority)
             while not stop.is_set():
                 if relay is None:
                     relay = self._connect(stop, transports, lane, worker, max_priority)
@@ -1100,6 +1144,25 @@ def _yield_to_urgent_threads(max_priority: int) -> None:
         return
     with contextlib.suppress(AttributeError, OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BULK_NICENESS)
+
+
+def _warm_up(transports: Mapping[str, Transport], worker: str, max_priority: int) -> None:
+    """Connect an express worker's transports now, in the background: the first OTP of a
+    lane otherwise waits for the broker's connection and handshake (80-130 ms measured),
+    behind nothing else. A failure is only logged: the first publish reconnects and
+    reports it. In a thread of its own, so that a stop is never held up by a slow peer."""
+    if max_priority >= LOWEST_PRIORITY:
+        return  # a bulk worker: its first claim may as well connect
+
+    def connect() -> None:
+        for transport in transports.values():
+            try:
+                transport.check()
+            except Exception as exc:  # the publish path reports and retries it
+                log.info("transport.warm_up_failed", route=transport.name,
+                         error=type(exc).__name__)
+
+    threading.Thread(target=connect, name=f"{worker}-warm-up", daemon=True).start()
 
 
 def _open_named(settings: Settings, names: Sequence[str]) -> dict[str, Transport]:

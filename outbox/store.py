@@ -148,10 +148,20 @@ CLAIM_LOCKED = """
 SELECT id, command, data, route, attempts,
        extract(epoch FROM created_at)::float8,
        extract(epoch FROM expires_at)::float8,
-       0::float8  -- a locked row is never handed back: it stays where it is
+       extract(epoch FROM available_at)::float8  -- its place, should it take a lease (LEASE)
 FROM (""" + _PICKED + """
      ) AS picked
 ORDER BY rank, id
+"""
+
+# Rows claimed by CLAIM_LOCKED that will not publish within a second (a device, a large
+# claim of urgent rows) take a lease before their transaction commits: the same rows, the
+# same row version as CLAIM writes, and the rows' places kept by the claim's answer.
+LEASE = """
+UPDATE outbox.message
+SET available_at = now() + %(lease)s * interval '1 second', claimed_by = %(owner)s,
+    claim = %(claim)s
+WHERE id = ANY(%(ids)s)
 """
 
 # The distinct lane keys of pending rows, one index descent each (a loose index scan): the
@@ -577,6 +587,9 @@ class StoreTransaction(Protocol):
     def claim_locked(self, request: ClaimRequest) -> list[ClaimedRow]:
         """Rows locked for this transaction only: no lease (``request.claim`` unused)."""
 
+    def lease(self, rows: Sequence[ClaimedRow], request: ClaimRequest) -> None:
+        """Stamp ``request``'s lease on rows this transaction claimed with ``claim_locked``."""
+
     def mark_sent(self, ids: Sequence[int], claim: int | None, *,
                   served_by: str | None = None) -> None: ...
     def schedule_retry(self, rows: Sequence[Rescheduled], claim: int | None) -> None: ...
@@ -667,6 +680,10 @@ class PostgresTransaction:
             set_json_loads(tolerant_json_loads, cursor)
             cursor.execute(CLAIM_LOCKED, params)
             return list(map(ClaimedRow._make, cursor.fetchall()))
+
+    def lease(self, rows: Sequence[ClaimedRow], request: ClaimRequest) -> None:
+        self._cursor.execute(LEASE, {"ids": [row.id for row in rows], "lease": request.lease,
+                                     "owner": request.owner, "claim": request.claim})
 
     def mark_sent(self, ids: Sequence[int], claim: int | None, *,
                   served_by: str | None = None) -> None:

@@ -238,6 +238,13 @@ class _MemoryTransaction:
             row.available_at, row.claimed_by, row.claim = claimed.was_available_at, None, None
         return rows
 
+    def lease(self, rows: Sequence[ClaimedRow], request: ClaimRequest) -> None:
+        now = self.store.clock()
+        for claimed in rows:
+            row = self.store.rows[claimed.id]
+            row.available_at = now + request.lease
+            row.claimed_by, row.claim = request.owner, request.claim
+
     def _held(self, ids: Sequence[int], claim: int | None) -> list[MemoryRow]:
         return [row for message_id in ids
                 if (row := self.store.rows[message_id]).claim == claim and row.state == "pending"]

@@ -171,6 +171,24 @@ def test_notify_arrives_on_commit_only(clean_db: str) -> None:
     assert received == ["outbox_message"]  # one per committed transaction
 
 
+def test_a_notify_says_how_urgent_its_rows_are(clean_db: str) -> None:
+    """The payload is the row's priority (migration 0015): one per priority a transaction
+    inserted, whichever path of the trigger (the plain send-sms, anything else) ran."""
+    with psycopg.connect(clean_db, autocommit=True) as listener:
+        listener.execute("LISTEN outbox_message")
+        with psycopg.connect(clean_db) as app:
+            for _ in range(3):
+                enqueue(app, SendSms(receiver="0812345", message="m"))
+            app.execute("INSERT INTO outbox.message (command, data) VALUES ('create-otp', "
+                        "'{\"receiver\": \"0812345\", \"reference\": \"r\", "
+                        "\"message\": \"code %s\"}')")
+            app.execute("INSERT INTO outbox.message (command, data, priority) VALUES "
+                        "('send-sms', '{\"receiver\": \"0812345\", \"message\": \"m\"}', 3)")
+            app.commit()
+        payloads = sorted(n.payload for n in listener.notifies(timeout=1.0))
+    assert payloads == ["0", "3", "5"]
+
+
 def test_models_match_the_migrations(database_url: str) -> None:
     assert db.check(database_url) == []
     assert db.current_revision(database_url) == db.head_revision()

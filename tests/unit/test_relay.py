@@ -330,3 +330,25 @@ def test_a_transport_that_only_refuses_some_rows_releases_nothing() -> None:
     store.insert("send-sms", sms(9))
     relay.process_batch()
     assert all(store.rows[i].available_at > clock.now + 60 for i in retrying)
+
+
+@pytest.mark.parametrize(("payload", "express_only"), [
+    ("0", True), ("1", True), ("2", False), ("9", False),
+    ("", False),  # a schema before 0015: anything may have arrived
+    ("x", False), ("10", False),
+])
+def test_a_notify_of_an_urgent_row_wakes_only_the_express_workers(
+        payload: str, express_only: bool) -> None:
+    import threading  # noqa: PLC0415
+
+    from outbox.relay import RelayService  # noqa: PLC0415
+
+    settings = Settings()
+    assert settings.express_priority == 1
+    service = RelayService(settings, "postgresql://unused/db")
+    bulk, express = threading.Event(), threading.Event()
+    service._wake_events += [bulk, express]
+    service._express_events.append(express)
+    service._wake_for(payload)
+    assert express.is_set()
+    assert bulk.is_set() is not express_only
