@@ -6,9 +6,11 @@ database and transport connections, so a slow device never delays a broker's row
 
 One :class:`Relay` is one worker of one lane. A turn (:meth:`Relay.process_batch`) is:
 
-1. **claim** in a short transaction: stamp a lease on as many rows as the lane can publish
-   in half the claim timeout at its observed pace (:mod:`outbox.scheduling`), plan them
-   (validate, route, expire, draw managed OTPs) and record at once the rows that cannot go;
+1. **claim** in a short transaction: lock as many rows as the lane can publish in half the
+   claim timeout at its observed pace (:mod:`outbox.scheduling`), plan them (validate,
+   route, expire, draw managed OTPs) and record at once the rows that cannot go. Rows that
+   publish within about a second are published and recorded in that same transaction;
+   any more take a lease before it commits, and go on as follows;
 2. **publish** outside any transaction, in chunks of about a second of work, checking
    before each chunk that the lease still leaves time for it and that no stop was asked;
 3. **record** each chunk in its own short transaction, touching only rows that still hold

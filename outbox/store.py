@@ -1,9 +1,12 @@
 """Every SQL statement the relay runs, each named for what it does.
 
-The relay works with leases, in two short transactions per chunk of work::
+Every claim takes row locks first (``claim_locked``). Rows that publish within about a
+second stay locked by that one short transaction, which publishes and records them; any more
+take a lease before it commits, and are then worked in two short transactions per chunk::
 
-    with store.transaction() as tx:          # 1. claim: stamp a lease on up to n rows, commit
-        rows = tx.claim(request)
+    with store.transaction() as tx:          # 1. claim: lock up to n rows, lease them, commit
+        rows = tx.claim_locked(request)
+        tx.lease(rows, request)              #    (a rate-limited lane: tx.claim(request))
     ... publish, outside any transaction ...
     with store.transaction() as tx:          # 2. record, only where the row still holds
         tx.mark_sent(ids, claim)              #    this claim

@@ -40,6 +40,7 @@ close, missed heartbeats) is replaced before anything is published on it.
 from __future__ import annotations
 
 import collections
+import struct
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
@@ -200,17 +201,21 @@ class _Session:
         confirms = _Confirms(self._next_tag, len(batch))
         self._confirms = confirms
         self._returned = {}
-        basic_publish = self._channel.basic_publish
-        properties = pika.BasicProperties
         topic = self._topic
         try:
-            for envelope in batch:
-                basic_publish(
-                    "", topic, envelope.body,
-                    properties(content_type=JSON, message_id=str(envelope.id),
-                               delivery_mode=TRANSIENT_DELIVERY),
-                    True,  # mandatory: an unroutable message comes back as basic.return
-                )
+            frames = _publish_frames(self._connection, self._channel, topic, batch)
+            if frames is not None:
+                self._connection._output_marshaled_frames(frames)
+            else:  # a pika laid out differently: its own publish, message by message
+                basic_publish = self._channel.basic_publish
+                properties = pika.BasicProperties
+                for envelope in batch:
+                    basic_publish(
+                        "", topic, envelope.body,
+                        properties(content_type=JSON, message_id=str(envelope.id),
+                                   delivery_mode=TRANSIENT_DELIVERY),
+                        True,  # mandatory: an unroutable message comes back as basic.return
+                    )
         except pika.exceptions.AMQPError as exc:
             self._lost = exc
             raise _classify(exc, f"cannot publish to {self._where}", topic) from exc
@@ -439,6 +444,61 @@ def _reason(exc: BaseException) -> str:
 
 
 __all__ = ["RabbitMqTransport"]
+
+
+#: AMQP 0-9-1 frame types and the end-of-frame octet
+_METHOD, _HEADER, _BODY, _FRAME_END = 1, 2, 3, b"\xce"
+#: basic.publish (class 60, method 40) and the content header's property flags:
+#: content-type (bit 15), delivery-mode (bit 12), message-id (bit 7)
+_BASIC, _PUBLISH = 60, 40
+_PROPERTY_FLAGS = 0x8000 | 0x1000 | 0x0080
+
+
+def _shortstr(value: bytes) -> bytes:
+    return bytes((len(value),)) + value
+
+
+def _publish_frames(connection: Any, channel: Any, topic: str,
+                    batch: Sequence[Envelope]) -> list[bytes] | None:
+    """The frames of a batch of ``basic.publish`` (mandatory, to the default exchange,
+    routed by ``topic``), each message with the properties pika's own publish gives it:
+    ``content_type``, ``delivery_mode``, ``message_id``; None when this pika is not laid out
+    as expected (its own publish is then used).
+
+    pika builds three frame objects and a properties object per message and marshals each
+    through its generic encoders: about 20 us a message, a third of the relay's whole cost
+    per message on RabbitMQ. The bytes are the same (a unit test holds them to pika's); the
+    frames go to pika's own output buffer (``_output_marshaled_frames``), so its I/O loop,
+    heartbeats and byte counters see them as its own."""
+    body_max = getattr(connection, "_body_max_length", None)
+    if (not isinstance(body_max, int) or body_max <= 0
+            or not callable(getattr(connection, "_output_marshaled_frames", None))):
+        return None
+    if not channel.is_open or connection.is_closed:
+        raise pika.exceptions.ChannelWrongStateError("the channel is closed")
+    routing = topic.encode()
+    if len(routing) > 255:  # a short string's limit: pika's publish says so
+        return None
+    number = channel.channel_number
+    method_payload = struct.pack(">HHH", _BASIC, _PUBLISH, 0) + b"\x00" + _shortstr(routing) + b"\x01"
+    method = struct.pack(">BHI", _METHOD, number, len(method_payload)) + method_payload + _FRAME_END
+    content_type = _shortstr(JSON.encode())
+    mode = bytes((TRANSIENT_DELIVERY,))
+    header_head = struct.Struct(">BHIHHQH")
+    body_head = struct.Struct(">BHI")
+    frames: list[bytes] = []
+    append = frames.append
+    for envelope in batch:
+        body = envelope.body
+        message_id = str(envelope.id).encode()
+        properties = content_type + mode + _shortstr(message_id)
+        append(method)
+        append(header_head.pack(_HEADER, number, 14 + len(properties), _BASIC, 0, len(body),
+                                _PROPERTY_FLAGS) + properties + _FRAME_END)
+        for start in range(0, len(body), body_max):
+            chunk = body[start:start + body_max]
+            append(body_head.pack(_BODY, number, len(chunk)) + chunk + _FRAME_END)
+    return frames
 
 
 def _coalesce_output(connection: Any) -> None:

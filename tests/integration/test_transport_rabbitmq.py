@@ -11,6 +11,7 @@ import pytest
 
 from outbox.commands import Dialect
 from outbox.errors import ConfigurationError, PermanentPublishError, TransientPublishError
+from outbox.transports.base import Envelope
 from outbox.transports.rabbitmq import RabbitMqTransport
 from tests.support.brokers import (
     AMQP_URL,
@@ -81,6 +82,21 @@ def test_a_batch_of_two_thousand_arrives_complete(topic: str, opened: Opener) ->
         assert transport.publish(batch) == {}
         assert wait_until(lambda: len(device.received) >= len(batch))
     assert [message.body for message in device.received] == [e.body for e in batch]
+
+
+def test_messages_larger_than_a_frame_arrive_whole(topic: str, opened: Opener) -> None:
+    """A body over the negotiated frame size (128 KiB by default) is split into several
+    body frames on the wire and arrives as one message, its properties intact."""
+    bodies = [b'{"command":"send-sms","data":{"message":"' + bytes([65 + n]) * size + b'"}}'
+              for n, size in enumerate((10, 131_072 - 8, 131_072, 400_000))]
+    batch = [Envelope(n + 1, "send-sms", body, 1) for n, body in enumerate(bodies)]
+    with amqp_device(topic) as device:
+        transport = opened(with_query(AMQP_URL, topic=topic))
+        assert transport.publish(batch) == {}
+        assert wait_until(lambda: len(device.received) == len(batch))
+    assert [m.body for m in device.received] == bodies
+    assert [m.message_id for m in device.received] == ["1", "2", "3", "4"]
+    assert {m.content_type for m in device.received} == {"application/json"}
 
 
 def test_a_connection_closed_by_the_broker_is_replaced(topic: str, opened: Opener) -> None:
