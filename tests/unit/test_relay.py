@@ -332,13 +332,12 @@ def test_a_transport_that_only_refuses_some_rows_releases_nothing() -> None:
     assert all(store.rows[i].available_at > clock.now + 60 for i in retrying)
 
 
-@pytest.mark.parametrize(("payload", "express_only"), [
-    ("0", True), ("1", True), ("2", False), ("9", False),
-    ("", False),  # a schema before 0015: anything may have arrived
-    ("x", False), ("10", False),
+@pytest.mark.parametrize(("payload", "woken"), [
+    ("0", "express"), ("1", "express"), ("2", "bulk"), ("9", "bulk"),
+    ("", "both"),  # a schema before 0015: anything may have arrived
+    ("x", "both"), ("10", "both"),
 ])
-def test_a_notify_of_an_urgent_row_wakes_only_the_express_workers(
-        payload: str, express_only: bool) -> None:
+def test_a_notify_wakes_the_workers_that_can_claim_its_row(payload: str, woken: str) -> None:
     import threading  # noqa: PLC0415
 
     from outbox.relay import RelayService  # noqa: PLC0415
@@ -350,5 +349,17 @@ def test_a_notify_of_an_urgent_row_wakes_only_the_express_workers(
     service._wake_events += [bulk, express]
     service._express_events.append(express)
     service._wake_for(payload)
-    assert express.is_set()
-    assert bulk.is_set() is not express_only
+    assert express.is_set() is (woken in ("express", "both"))
+    assert bulk.is_set() is (woken in ("bulk", "both"))
+
+
+def test_an_urgent_notify_wakes_everybody_when_there_is_no_express_worker() -> None:
+    import threading  # noqa: PLC0415
+
+    from outbox.relay import RelayService  # noqa: PLC0415
+
+    service = RelayService(Settings(express_priority=-1), "postgresql://unused/db")
+    bulk = threading.Event()
+    service._wake_events.append(bulk)
+    service._wake_for("0")
+    assert bulk.is_set()
