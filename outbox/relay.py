@@ -938,9 +938,9 @@ class RelayService:
     def _wake_for(self, payload: str) -> None:
         """Wake the workers a new row's NOTIFY concerns. Since migration 0015 the payload is
         the row's priority: a row the express workers claim wakes only them (the bulk workers
-        of an idle lane would each run a claim for it and slow the one that wins), any other
-        only the bulk workers (an express worker cannot claim it); any other payload, an
-        empty one included (an older schema), wakes everybody."""
+        of an idle lane would each run a claim for it and slow the one that wins), a less
+        urgent row only the bulk workers (an express worker cannot claim it); a payload that
+        is not a priority, an empty one included (an older schema), wakes everybody."""
         if not (len(payload) == 1 and payload.isdigit()):
             self._wake_all()
             return
