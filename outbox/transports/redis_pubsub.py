@@ -149,14 +149,12 @@ class RedisTransport:
                     replies.append(read())
                 except redis.exceptions.ResponseError as exc:  # this PUBLISH's own error reply
                     replies.append(exc)
-        except redis.exceptions.RedisError as exc:
+        except BaseException as exc:
             # the replies still on the wire belong to nobody: the connection goes
             connection.disconnect()
             self._suspect = True
-            raise self._error(exc, "cannot publish to") from exc
-        except BaseException:
-            connection.disconnect()
-            self._suspect = True
+            if isinstance(exc, redis.exceptions.RedisError):
+                raise self._error(exc, "cannot publish to") from exc
             raise
         finally:
             pool.release(connection)
